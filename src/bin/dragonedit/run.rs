@@ -1,0 +1,203 @@
+//! The subcommands: load the model with a progress bar, run the engine, write the results.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor};
+use dragonedit::model::folder::DirSource;
+use dragonedit::progress::{Phase, Progress};
+use dragonedit::{StableDiffusion, device, image};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ModelArgs;
+use crate::download;
+
+/// A terminal progress bar that follows the engine's reports, one bar per phase.
+struct Bar {
+    bar: Option<ProgressBar>,
+    phase: Option<Phase>,
+}
+
+impl Bar {
+    fn new() -> Self {
+        Self {
+            bar: None,
+            phase: None,
+        }
+    }
+
+    fn report(&mut self, p: Progress) -> bool {
+        if self.phase != Some(p.phase) {
+            if let Some(bar) = self.bar.take() {
+                bar.finish();
+            }
+            let bar = ProgressBar::new(p.total as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>16} [{bar:40}] {pos}/{len} {elapsed} (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(p.phase.to_string());
+            self.bar = Some(bar);
+            self.phase = Some(p.phase);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(p.step as u64);
+        }
+        true
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}
+
+fn open_device(args: &ModelArgs) -> Result<Device> {
+    if args.cpu {
+        return Ok(device::cpu());
+    }
+    Ok(device::gpu(device::GraphicsApi::Native)?)
+}
+
+fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
+    if args.model.starts_with("http://") || args.model.starts_with("https://") {
+        download::fetch_model(&args.model, args.cache_dir.as_deref())
+    } else {
+        Ok(PathBuf::from(&args.model))
+    }
+}
+
+fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
+    let dir = model_dir(args)?;
+    let device = open_device(args)?;
+    let dtype = device::compute_dtype(&device, args.f16);
+    let mut source = DirSource::new(&dir)?;
+    let sd = StableDiffusion::load(&mut source, &device, dtype, &mut |p| bar.report(p))
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    Ok(sd)
+}
+
+fn read_values<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>)> {
+    let data = t
+        .try_into_data()
+        .map_err(|e| anyhow::anyhow!("reading the result back from the device failed: {e:?}"))?;
+    let shape = data.shape().to_vec();
+    let values = data
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("unexpected result type: {e:?}"))?;
+    Ok((shape, values))
+}
+
+fn write_image(t: Tensor<4>, out: &Path) -> Result<()> {
+    let (shape, values) = read_values(t)?;
+    let img = image::image_from_values(&values, shape[2], shape[3])?;
+    let png = image::encode_png(&img)?;
+    std::fs::write(out, png).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn read_image(sd: &StableDiffusion, path: &Path, resolution: u32) -> Result<Tensor<4>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let img = image::decode(&bytes).with_context(|| path.display().to_string())?;
+    let img = image::to_working_resolution(&img, resolution);
+    Ok(image::tensor_from_image(&img, sd.device()))
+}
+
+pub fn generate(
+    args: &ModelArgs,
+    prompt: &str,
+    seed: u64,
+    steps: usize,
+    guidance: f32,
+    size: (usize, usize),
+    out: &Path,
+) -> Result<()> {
+    check_steps(steps)?;
+    let mut bar = Bar::new();
+    let sd = load(args, &mut bar)?;
+    let img = sd.generate(prompt, seed, size, steps, guidance, &mut |p| bar.report(p))?;
+    write_image(img, out)
+}
+
+fn check_steps(steps: usize) -> Result<()> {
+    if !(1..=1000).contains(&steps) {
+        bail!("--steps must be between 1 and 1000, got {steps}");
+    }
+    Ok(())
+}
+
+fn inversion(
+    sd: &StableDiffusion,
+    image_path: &Path,
+    prompt: &str,
+    steps: usize,
+    resolution: u32,
+    bar: &mut Bar,
+) -> Result<Vec<Tensor<4>>> {
+    let x = read_image(sd, image_path, resolution)?;
+    let z0 = sd.encode_image(x)?;
+    let context = sd.encode_prompts(&[prompt])?;
+    let mut hook = dragonedit::model::unet::NoHook;
+    Ok(sd.invert(z0, &context, steps, &mut hook, &mut |p| bar.report(p))?)
+}
+
+pub fn invert(
+    args: &ModelArgs,
+    image_path: &Path,
+    prompt: &str,
+    steps: usize,
+    resolution: u32,
+    out: &Path,
+) -> Result<()> {
+    check_steps(steps)?;
+    let mut bar = Bar::new();
+    let sd = load(args, &mut bar)?;
+    let latents = inversion(&sd, image_path, prompt, steps, resolution, &mut bar)?;
+    let stacked = Tensor::stack::<5>(latents, 0);
+    let (shape, values) = read_values(stacked)?;
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    write_npy(out, &shape, &values)?;
+    println!("wrote {} latents to {}", shape[0], out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn reconstruct(
+    args: &ModelArgs,
+    image_path: &Path,
+    prompt: &str,
+    steps: usize,
+    guidance: f32,
+    resolution: u32,
+    out: &Path,
+) -> Result<()> {
+    check_steps(steps)?;
+    let mut bar = Bar::new();
+    let sd = load(args, &mut bar)?;
+    let mut latents = inversion(&sd, image_path, prompt, steps, resolution, &mut bar)?;
+    let z_t = latents.pop().context("inversion returned no latents")?;
+    let z0 = sd.sample(z_t, prompt, guidance, steps, &mut |p| bar.report(p))?;
+    write_image(sd.decode(z0), out)
+}
+
+fn write_npy(path: &Path, shape: &[u64], values: &[f32]) -> Result<()> {
+    use npyz::WriterBuilder;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()?;
+    writer.extend(values.iter().copied())?;
+    writer.finish()?;
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! Choosing where tensors live: the GPU through wgpu (Vulkan/Metal/DX12 natively, WebGPU in
+//! the browser) or burn's pure-Rust CPU backend (flex).
+
+use burn::tensor::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// burn's CPU backend: slow, but everywhere and exact enough for parity tests.
+#[cfg(not(target_family = "wasm"))]
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// Which native graphics API to ask wgpu for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GraphicsApi {
+    /// Vulkan on Linux and Windows, Metal on macOS.
+    #[default]
+    Native,
+    Vulkan,
+    Metal,
+    Dx12,
+    /// Let wgpu pick (may fall back to OpenGL, which has no f16).
+    Any,
+}
+
+/// Opens the GPU natively. Without a usable adapter the error says so and names `--cpu`.
+#[cfg(not(target_family = "wasm"))]
+pub fn gpu(api: GraphicsApi) -> Result<Device> {
+    use burn::tensor::wgpu::WgpuBackend;
+    let backend = match api {
+        GraphicsApi::Native if cfg!(target_os = "macos") => WgpuBackend::Metal,
+        GraphicsApi::Native | GraphicsApi::Vulkan => WgpuBackend::Vulkan,
+        GraphicsApi::Metal => WgpuBackend::Metal,
+        GraphicsApi::Dx12 => WgpuBackend::Dx12,
+        GraphicsApi::Any => WgpuBackend::Auto,
+    };
+    Device::wgpu_options()
+        .graphics_api(backend)
+        .init()
+        .map_err(|e| {
+            Error::Device(format!(
+                "no usable GPU was found ({e}). Install the GPU's Vulkan driver, or run on the CPU with --cpu (much slower)"
+            ))
+        })
+}
+
+/// Opens the browser's WebGPU adapter. Call once per page, before creating any tensor.
+pub async fn webgpu() -> Result<Device> {
+    Device::wgpu_options().init_async().await.map_err(|e| {
+        Error::Device(format!(
+            "WebGPU is not available ({e}). Use a current Chrome or Edge with a GPU, or enable WebGPU in this browser"
+        ))
+    })
+}
+
+/// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
+pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
+    if want_f16 && device.supports_dtype(DType::F16) {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}

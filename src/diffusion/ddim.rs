@@ -1,0 +1,113 @@
+//! Deterministic DDIM (eta = 0): the denoising step, the inversion step of ALGORITHM.md §2.1,
+//! and the loops that run them with the UNet, with classifier-free guidance when sampling.
+
+use burn::tensor::Tensor;
+
+use super::schedule::Schedule;
+use crate::error::{Error, Result};
+use crate::model::unet::{KvHook, NoHook, Unet};
+use crate::progress::{Phase, Progress, ProgressFn};
+
+/// One deterministic DDIM step from ᾱ = `a_t` to `a_prev`. The clean-image estimate uses
+/// `eps_x0` and the direction term `eps_dir`: they differ only when guidance is added to the
+/// former alone (ALGORITHM.md §5.5); plain sampling passes the same ε twice.
+pub fn step(
+    z: Tensor<4>,
+    eps_x0: Tensor<4>,
+    eps_dir: Tensor<4>,
+    a_t: f32,
+    a_prev: f32,
+) -> Tensor<4> {
+    let x0 = (z - eps_x0 * (1.0 - a_t).sqrt()) / a_t.sqrt();
+    x0 * a_prev.sqrt() + eps_dir * (1.0 - a_prev).sqrt()
+}
+
+/// Inversion step k (0-based) of ALGORITHM.md §2.1: from `z` at the lower level
+/// `t - stride` to level `t = 1 + stride·k`, with ε predicted at `t`.
+pub fn invert_step(z: Tensor<4>, eps: Tensor<4>, a_lower: f32, a_t: f32) -> Tensor<4> {
+    let x0 = (z - eps.clone() * (1.0 - a_lower).sqrt()) / a_lower.sqrt();
+    x0 * a_t.sqrt() + eps * (1.0 - a_t).sqrt()
+}
+
+/// ε = ε_u + g (ε_c − ε_u) from a `[2, ...]` batch ordered (unconditional, conditional).
+pub fn classifier_free(eps_pair: Tensor<4>, guidance_scale: f32) -> Tensor<4> {
+    let uncond = eps_pair.clone().narrow(0, 0, 1);
+    let cond = eps_pair.narrow(0, 1, 1);
+    uncond.clone() + (cond - uncond) * guidance_scale
+}
+
+fn report(progress: &mut ProgressFn, phase: Phase, step: usize, total: usize) -> Result<()> {
+    if progress(Progress { phase, step, total }) {
+        Ok(())
+    } else {
+        Err(Error::Cancelled)
+    }
+}
+
+/// DDIM inversion conditioned on `context` only (no CFG): returns all `steps + 1` latents,
+/// `[z0, z at t=1, t=21, ..., t=981]`. `hook` sees the decoder self-attention K/V of each UNet
+/// call, in order (the memory bank records there).
+pub fn invert(
+    unet: &Unet,
+    schedule: &Schedule,
+    z0: Tensor<4>,
+    context: &Tensor<3>,
+    steps: usize,
+    hook: &mut dyn KvHook,
+    progress: &mut ProgressFn,
+) -> Result<Vec<Tensor<4>>> {
+    let stride = schedule.stride(steps) as i64;
+    let mut latents = Vec::with_capacity(steps + 1);
+    latents.push(z0.clone());
+    let mut z = z0;
+    for (k, t) in schedule.timesteps(steps).into_iter().rev().enumerate() {
+        report(progress, Phase::Inverting, k, steps)?;
+        let eps = unet.forward(z.clone(), t as f32, context, hook);
+        z = invert_step(
+            z,
+            eps,
+            schedule.alpha_bar(t - stride),
+            schedule.alpha_bar(t),
+        );
+        latents.push(z.clone());
+    }
+    report(progress, Phase::Inverting, steps, steps)?;
+    Ok(latents)
+}
+
+/// Plain DDIM sampling with classifier-free guidance from `z_t` at the first timestep.
+/// `uncond_cond` is the `[2, 77, C]` context (unconditional first).
+pub fn sample(
+    unet: &Unet,
+    schedule: &Schedule,
+    z_t: Tensor<4>,
+    uncond_cond: &Tensor<3>,
+    guidance_scale: f32,
+    steps: usize,
+    progress: &mut ProgressFn,
+) -> Result<Tensor<4>> {
+    let stride = schedule.stride(steps) as i64;
+    let mut z = z_t;
+    for (i, t) in schedule.timesteps(steps).into_iter().enumerate() {
+        report(progress, Phase::Sampling, i, steps)?;
+        let eps = if guidance_scale == 1.0 {
+            let cond = uncond_cond.clone().narrow(0, 1, 1);
+            unet.forward(z.clone(), t as f32, &cond, &mut NoHook)
+        } else {
+            let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
+            classifier_free(
+                unet.forward(pair, t as f32, uncond_cond, &mut NoHook),
+                guidance_scale,
+            )
+        };
+        z = step(
+            z,
+            eps.clone(),
+            eps,
+            schedule.alpha_bar(t),
+            schedule.alpha_bar(t - stride),
+        );
+    }
+    report(progress, Phase::Sampling, steps, steps)?;
+    Ok(z)
+}

@@ -1,0 +1,175 @@
+//! Scaled dot-product attention computed in pieces small enough for WebGPU.
+//!
+//! Self-attention at a 64x64 latent has a 4096x4096 score matrix per head (64 MiB in f32, 512
+//! MiB for 8 heads). WebGPU's default storage-binding limit is 128 MiB and burn never splits a
+//! buffer itself (BURN.md §4), so scores are computed over groups of heads, and over blocks of
+//! query rows when one head alone is too large, keeping every score buffer under a budget.
+
+use burn::tensor::{Bool, Tensor, activation::softmax};
+
+/// Upper bound on any single attention score buffer. 64 MiB keeps a score chunk, its softmax
+/// and the autodiff copies well under the 128 MiB WebGPU default binding size.
+pub const DEFAULT_MAX_SCORE_BYTES: usize = 64 << 20;
+
+/// How attention splits its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// Largest score buffer allowed, in bytes.
+    pub max_score_bytes: usize,
+}
+
+impl Default for AttentionPlan {
+    fn default() -> Self {
+        Self {
+            max_score_bytes: DEFAULT_MAX_SCORE_BYTES,
+        }
+    }
+}
+
+/// How one attention call is cut up: `heads_per_chunk` (batch x head) rows at a time, and
+/// `queries_per_chunk` query rows at a time within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    pub heads_per_chunk: usize,
+    pub queries_per_chunk: usize,
+}
+
+impl Chunking {
+    /// Bytes of the largest score buffer this chunking creates.
+    pub fn score_bytes(&self, keys: usize, elem_bytes: usize) -> usize {
+        self.heads_per_chunk * self.queries_per_chunk * keys * elem_bytes
+    }
+}
+
+impl AttentionPlan {
+    /// Chooses the chunking for `batch_heads` heads of `queries` x `keys` scores.
+    pub fn chunking(
+        &self,
+        batch_heads: usize,
+        queries: usize,
+        keys: usize,
+        elem_bytes: usize,
+    ) -> Chunking {
+        let per_head = queries * keys * elem_bytes;
+        if per_head <= self.max_score_bytes {
+            let heads = (self.max_score_bytes / per_head.max(1)).clamp(1, batch_heads.max(1));
+            return Chunking {
+                heads_per_chunk: heads,
+                queries_per_chunk: queries,
+            };
+        }
+        let rows = (self.max_score_bytes / (keys * elem_bytes).max(1)).clamp(1, queries);
+        Chunking {
+            heads_per_chunk: 1,
+            queries_per_chunk: rows,
+        }
+    }
+
+    /// softmax(q kᵀ / sqrt(d)) v for `[B, H, N, D]` inputs. `causal` masks keys after the query
+    /// position (CLIP's text encoder).
+    pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+        let [b, h, nq, d] = q.dims();
+        let nk = k.dims()[2];
+        let dv = v.dims()[3];
+        let scale = (d as f64).powf(-0.5);
+        let bh = b * h;
+        let q = q.reshape([bh, nq, d]);
+        let k_t = k.reshape([bh, nk, d]).swap_dims(1, 2);
+        let v = v.reshape([bh, nk, dv]);
+        let elem = q.dtype().size();
+        let plan = self.chunking(bh, nq, nk, elem);
+
+        let mut head_outputs = Vec::new();
+        for h0 in (0..bh).step_by(plan.heads_per_chunk) {
+            let hn = plan.heads_per_chunk.min(bh - h0);
+            let qh = q.clone().narrow(0, h0, hn);
+            let kh = k_t.clone().narrow(0, h0, hn);
+            let vh = v.clone().narrow(0, h0, hn);
+            let mut rows = Vec::new();
+            for q0 in (0..nq).step_by(plan.queries_per_chunk) {
+                let qn = plan.queries_per_chunk.min(nq - q0);
+                let qc = if qn == nq {
+                    qh.clone()
+                } else {
+                    qh.clone().narrow(1, q0, qn)
+                };
+                let mut scores = qc.matmul(kh.clone()) * scale;
+                if causal {
+                    scores = scores.mask_fill(causal_mask(q0, qn, nk, &vh), f32::NEG_INFINITY);
+                }
+                rows.push(softmax(scores, 2).matmul(vh.clone()));
+            }
+            head_outputs.push(if rows.len() == 1 {
+                rows.remove(0)
+            } else {
+                Tensor::cat(rows, 1)
+            });
+        }
+        let out = if head_outputs.len() == 1 {
+            head_outputs.remove(0)
+        } else {
+            Tensor::cat(head_outputs, 0)
+        };
+        out.reshape([b, h, nq, dv])
+    }
+}
+
+/// True where key index > query index, for query rows `q0..q0+qn`.
+fn causal_mask(q0: usize, qn: usize, nk: usize, like: &Tensor<3>) -> Tensor<3, Bool> {
+    let values: Vec<bool> = (0..qn)
+        .flat_map(|i| (0..nk).map(move |j| j > q0 + i))
+        .collect();
+    Tensor::<2, Bool>::from_data(
+        burn::tensor::TensorData::new(values, [qn, nk]),
+        &like.device(),
+    )
+    .unsqueeze_dim(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn sd15_self_attention_at_512px_stays_under_budget() {
+        // up_blocks.3 at a 64x64 latent: 8 heads, 4096 tokens, CFG batch of 2, f32.
+        let plan = AttentionPlan::default();
+        let c = plan.chunking(2 * 8, 4096, 4096, 4);
+        assert!(c.score_bytes(4096, 4) <= 64 * MIB);
+        assert_eq!(c.heads_per_chunk, 1);
+        assert_eq!(c.queries_per_chunk, 4096);
+        // At 768 px (96x96 latent, 9216 tokens) one head is 324 MiB: split into row blocks.
+        let c = plan.chunking(8, 9216, 9216, 4);
+        assert!(c.score_bytes(9216, 4) <= 64 * MIB);
+        // Small attention (cross-attention, 77 keys) runs in one piece.
+        let c = plan.chunking(16, 4096, 77, 4);
+        assert_eq!((c.heads_per_chunk, c.queries_per_chunk), (16, 4096));
+    }
+
+    #[test]
+    fn chunked_equals_whole() {
+        let device = burn::tensor::Device::flex();
+        let shape = [2, 3, 10, 4];
+        let mk = |seed: f32| {
+            let n: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
+        };
+        let (q, k, v) = (mk(0.1), mk(1.3), mk(2.7));
+        for causal in [false, true] {
+            let whole = AttentionPlan {
+                max_score_bytes: usize::MAX,
+            }
+            .attend(q.clone(), k.clone(), v.clone(), causal);
+            // 12 bytes per score row of 10 keys forces 1 head and 1 query row per chunk... almost.
+            let tiny = AttentionPlan {
+                max_score_bytes: 3 * 10 * 4,
+            }
+            .attend(q.clone(), k.clone(), v.clone(), causal);
+            let diff = (whole - tiny).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-6, "causal={causal} diff={diff}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Stable Diffusion 1.5's networks (CLIP text encoder, UNet, VAE), their configs and the
+//! tokenizer, plus the model-folder layout they are read from.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod folder;
+pub mod nn;
+pub mod resnet;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

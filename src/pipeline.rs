@@ -1,0 +1,212 @@
+//! Stable Diffusion 1.5 assembled from a model folder: prompt encoding, VAE, DDIM inversion,
+//! sampling and reconstruction. The editing engine builds on these.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rand::{SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::diffusion::{Schedule, SchedulerConfig, ddim};
+use crate::error::{Error, Result};
+use crate::model::clip::ClipTextEncoder;
+use crate::model::config::{ClipConfig, UnetConfig, VaeConfig};
+use crate::model::folder::{ModelSource, layout};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{KvHook, Unet};
+use crate::model::vae::{Vae, legacy_vae_key};
+use crate::progress::{Phase, Progress, ProgressFn};
+use crate::weights::Loader;
+
+/// The four parts of SD 1.5 plus its noise schedule, on one device.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder,
+    pub unet: Unet,
+    pub vae: Vae,
+    pub schedule: Schedule,
+    device: Device,
+}
+
+fn cancelled_unless(keep_going: bool) -> Result<()> {
+    if keep_going {
+        Ok(())
+    } else {
+        Err(Error::Cancelled)
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component from `source` onto `device`, computing in `dtype` (F32, or F16
+    /// where the device supports it). Weights stream one tensor at a time.
+    pub fn load(
+        source: &mut dyn ModelSource,
+        device: &Device,
+        dtype: DType,
+        progress: &mut ProgressFn,
+    ) -> Result<Self> {
+        let mut tick = |step| {
+            cancelled_unless(progress(Progress {
+                phase: Phase::LoadingWeights,
+                step,
+                total: 3,
+            }))
+        };
+        let tokenizer = ClipTokenizer::from_files(
+            &source.read_text(layout::VOCAB)?,
+            &source.read_text(layout::MERGES)?,
+        )?;
+        let schedule = if source.has(layout::SCHEDULER_CONFIG) {
+            Schedule::new(&SchedulerConfig::parse(
+                layout::SCHEDULER_CONFIG,
+                &source.read_text(layout::SCHEDULER_CONFIG)?,
+            )?)?
+        } else {
+            Schedule::sd15()
+        };
+        tick(0)?;
+
+        let clip_config =
+            ClipConfig::parse(layout::TEXT_CONFIG, &source.read_text(layout::TEXT_CONFIG)?)?;
+        let mut reader = source.open_first(layout::TEXT_WEIGHTS)?;
+        let mut w = Loader::new(reader.as_mut(), device, dtype);
+        let text_encoder = ClipTextEncoder::load(&clip_config, &mut w)?;
+        w.finish(ClipTextEncoder::IGNORED_KEYS)?;
+        drop(reader);
+        tick(1)?;
+
+        let vae_config =
+            VaeConfig::parse(layout::VAE_CONFIG, &source.read_text(layout::VAE_CONFIG)?)?;
+        let mut reader = source.open_first(layout::VAE_WEIGHTS)?;
+        let mut w = Loader::new(reader.as_mut(), device, dtype).with_alias(legacy_vae_key);
+        let vae = Vae::load(&vae_config, &mut w)?;
+        w.finish(&[])?;
+        drop(reader);
+        tick(2)?;
+
+        let unet_config =
+            UnetConfig::parse(layout::UNET_CONFIG, &source.read_text(layout::UNET_CONFIG)?)?;
+        let mut reader = source.open_first(layout::UNET_WEIGHTS)?;
+        let mut w = Loader::new(reader.as_mut(), device, dtype);
+        let unet = Unet::load(&unet_config, &mut w, dtype)?;
+        w.finish(&[])?;
+        drop(reader);
+        tick(3)?;
+
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            schedule,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Text embeddings `[N, 77, C]` for `prompts` (`""` is the unconditional prompt).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor<3>> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect();
+        self.text_encoder.forward(&ids)
+    }
+
+    /// Image `[B, 3, H, W]` in [-1, 1] → latent `[B, 4, H/8, W/8]`. Sides must be multiples of 8.
+    pub fn encode_image(&self, image: Tensor<4>) -> Result<Tensor<4>> {
+        let [_, c, h, w] = image.dims();
+        let f = self.vae.config().downscale();
+        if c != 3 || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+            return Err(Error::InvalidInput(format!(
+                "the VAE takes RGB images with sides that are multiples of {f}, got {c}x{h}x{w}"
+            )));
+        }
+        Ok(self.vae.encode(image))
+    }
+
+    /// Latent → image in [0, 1].
+    pub fn decode(&self, latent: Tensor<4>) -> Tensor<4> {
+        self.vae.decode(latent)
+    }
+
+    /// DDIM inversion of `z0` conditioned on `context` (ALGORITHM.md §2.1).
+    pub fn invert(
+        &self,
+        z0: Tensor<4>,
+        context: &Tensor<3>,
+        steps: usize,
+        hook: &mut dyn KvHook,
+        progress: &mut ProgressFn,
+    ) -> Result<Vec<Tensor<4>>> {
+        ddim::invert(
+            &self.unet,
+            &self.schedule,
+            z0,
+            context,
+            steps,
+            hook,
+            progress,
+        )
+    }
+
+    /// DDIM sampling with classifier-free guidance from `z_t` (at the first timestep).
+    pub fn sample(
+        &self,
+        z_t: Tensor<4>,
+        prompt: &str,
+        guidance_scale: f32,
+        steps: usize,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor<4>> {
+        let context = self.encode_prompts(&["", prompt])?;
+        ddim::sample(
+            &self.unet,
+            &self.schedule,
+            z_t,
+            &context,
+            guidance_scale,
+            steps,
+            progress,
+        )
+    }
+
+    /// Gaussian noise `[1, 4, h, w]` drawn on the host from `seed`, so the same seed gives the
+    /// same start on every backend.
+    pub fn noise(&self, seed: u64, latent_hw: (usize, usize)) -> Tensor<4> {
+        let (h, w) = latent_hw;
+        let channels = self.unet.config().in_channels;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..channels * h * w)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let data = TensorData::new(values, [1, channels, h, w]);
+        Tensor::from_data(data, &self.device)
+    }
+
+    /// Text-to-image: noise from `seed`, `steps` of guided DDIM, decode. Returns `[1, 3, H, W]`
+    /// in [0, 1].
+    pub fn generate(
+        &self,
+        prompt: &str,
+        seed: u64,
+        size: (usize, usize),
+        steps: usize,
+        guidance_scale: f32,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor<4>> {
+        let f = self.vae.config().downscale();
+        let (h, w) = size;
+        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            return Err(Error::InvalidInput(format!(
+                "image sides must be non-zero multiples of {f}, got {w}x{h}"
+            )));
+        }
+        let z = self.noise(seed, (h / f, w / f));
+        let z = self.sample(z, prompt, guidance_scale, steps, progress)?;
+        cancelled_unless(progress(Progress {
+            phase: Phase::Decoding,
+            step: 0,
+            total: 1,
+        }))?;
+        Ok(self.decode(z))
+    }
+}

@@ -1,0 +1,156 @@
+//! Turns named tensors of a weight file into device tensors for the model modules, checking
+//! each shape against the config and, at the end, that nothing in the file went unused.
+
+use std::collections::BTreeSet;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::reader::{HostTensor, SafetensorsReader};
+use super::source::ByteSource;
+use crate::error::{Error, Result, WeightProblem};
+
+/// Anything that yields tensors by name (a safetensors file, or a test double).
+pub trait TensorRead {
+    fn label(&self) -> &str;
+    fn keys(&self) -> Vec<String>;
+    fn contains(&self, key: &str) -> bool;
+    fn read(&mut self, key: &str) -> Result<HostTensor>;
+}
+
+impl<S: ByteSource> TensorRead for SafetensorsReader<S> {
+    fn label(&self) -> &str {
+        SafetensorsReader::label(self)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.header().tensors.keys().cloned().collect()
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.entry(key).is_some()
+    }
+
+    fn read(&mut self, key: &str) -> Result<HostTensor> {
+        self.read_f32(key)
+    }
+}
+
+/// Maps a diffusers key to the older spelling some published checkpoints still use.
+pub type KeyAlias = fn(&str) -> Option<String>;
+
+/// Loads the tensors of one weight file onto a device, one at a time.
+pub struct Loader<'a> {
+    reader: &'a mut dyn TensorRead,
+    device: Device,
+    dtype: DType,
+    alias: Option<KeyAlias>,
+    taken: BTreeSet<String>,
+}
+
+impl<'a> Loader<'a> {
+    /// `dtype` is the compute dtype (F32, or F16 where the device has it).
+    pub fn new(reader: &'a mut dyn TensorRead, device: &Device, dtype: DType) -> Self {
+        Self {
+            reader,
+            device: device.clone(),
+            dtype,
+            alias: None,
+            taken: BTreeSet::new(),
+        }
+    }
+
+    /// Also accept keys under a legacy name when the diffusers name is absent.
+    pub fn with_alias(mut self, alias: KeyAlias) -> Self {
+        self.alias = Some(alias);
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn error(&self, problem: WeightProblem) -> Error {
+        Error::Weights {
+            file: self.reader.label().to_string(),
+            problem,
+        }
+    }
+
+    fn resolve(&self, key: &str) -> Result<String> {
+        if self.reader.contains(key) {
+            return Ok(key.to_string());
+        }
+        if let Some(old) = self.alias.and_then(|a| a(key))
+            && self.reader.contains(&old)
+        {
+            return Ok(old);
+        }
+        Err(self.error(WeightProblem::Missing { key: key.into() }))
+    }
+
+    /// Reads `key` on the host, checking its shape.
+    pub fn host(&mut self, key: &str, shape: &[usize]) -> Result<HostTensor> {
+        let stored = self.resolve(key)?;
+        let t = self.reader.read(&stored)?;
+        if t.shape != shape {
+            return Err(self.error(WeightProblem::WrongShape {
+                key: stored,
+                expected: shape.to_vec(),
+                found: t.shape,
+            }));
+        }
+        self.taken.insert(stored);
+        Ok(t)
+    }
+
+    fn upload<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+        let data = TensorData::new(values, shape);
+        let data = if self.dtype == DType::F32 {
+            data
+        } else {
+            data.convert_dtype(self.dtype)
+        };
+        Tensor::from_data(data, &self.device)
+    }
+
+    /// Loads `key`, which must have exactly `shape`.
+    pub fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let t = self.host(key, &shape)?;
+        Ok(self.upload(t.values, shape))
+    }
+
+    /// Loads a PyTorch linear weight stored `[out, in]`, transposed to the `[in, out]` layout
+    /// burn's `linear` multiplies with.
+    pub fn linear_weight(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>> {
+        let t = self.host(key, &[d_out, d_in])?;
+        let mut transposed = vec![0f32; t.values.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                transposed[i * d_out + o] = t.values[o * d_in + i];
+            }
+        }
+        Ok(self.upload(transposed, [d_in, d_out]))
+    }
+
+    /// Checks that every tensor in the file was used, except keys matching `ignored`
+    /// (buffers such as CLIP's `position_ids` that carry no weights).
+    pub fn finish(self, ignored: &[&str]) -> Result<()> {
+        let unused: Vec<String> = self
+            .reader
+            .keys()
+            .into_iter()
+            .filter(|k| !self.taken.contains(k) && !ignored.iter().any(|i| k.ends_with(i)))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+        let more = unused.len().saturating_sub(shown.len());
+        let keys = if more > 0 {
+            format!("{} and {more} more", shown.join(", "))
+        } else {
+            shown.join(", ")
+        };
+        Err(self.error(WeightProblem::Unexpected { keys }))
+    }
+}

@@ -1,0 +1,121 @@
+//! Shared helpers of the integration tests: fixture paths, .npy/.npz reading, devices, and the
+//! relative-error comparison every parity test uses.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use dragonedit::StableDiffusion;
+use dragonedit::model::folder::DirSource;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn tiny_model_dir() -> PathBuf {
+    fixtures().join("tiny-sd")
+}
+
+/// A little-endian f32 array from a .npy file.
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl Array {
+    fn from_npy(bytes: &[u8]) -> Array {
+        let npy = npyz::NpyFile::new(bytes).expect("valid .npy");
+        let shape = npy.shape().iter().map(|&d| d as usize).collect();
+        let values = npy.into_vec::<f32>().expect("f32 .npy");
+        Array { shape, values }
+    }
+
+    /// Entry `i` of the first axis.
+    pub fn index(&self, i: usize) -> Array {
+        let inner: usize = self.shape[1..].iter().product();
+        Array {
+            shape: self.shape[1..].to_vec(),
+            values: self.values[i * inner..(i + 1) * inner].to_vec(),
+        }
+    }
+
+    pub fn tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
+        let shape: [usize; D] = self.shape.clone().try_into().expect("rank matches");
+        Tensor::from_data(TensorData::new(self.values.clone(), shape), device)
+    }
+}
+
+pub fn npy(case: &str, name: &str) -> Array {
+    let bytes = std::fs::read(fixtures().join(case).join(name)).expect("fixture exists");
+    Array::from_npy(&bytes)
+}
+
+pub fn npz(case: &str, file: &str, member: &str) -> Array {
+    let f = std::fs::File::open(fixtures().join(case).join(file)).expect("fixture exists");
+    let mut zip = zip::ZipArchive::new(f).expect("valid .npz");
+    let mut entry = zip
+        .by_name(&format!("{member}.npy"))
+        .expect("member exists");
+    let mut bytes = Vec::new();
+    entry.read_to_end(&mut bytes).expect("readable member");
+    Array::from_npy(&bytes)
+}
+
+pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// Relative error of `actual` against `expected`: the largest absolute difference divided by
+/// the largest magnitude in `expected`. Asserts it is below `tol` and returns it.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    assert!(
+        actual.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let diff = actual
+        .iter()
+        .zip(expected)
+        .fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+    let rel = diff / scale;
+    println!("{what}: relative error {rel:.2e} (tolerance {tol:.0e})");
+    assert!(
+        rel < tol,
+        "{what}: relative error {rel:.3e} (max abs diff {diff:.3e}, scale {scale:.3e}) exceeds {tol:.0e}"
+    );
+    rel
+}
+
+pub fn load_tiny(device: &Device) -> StableDiffusion {
+    let mut source = DirSource::new(tiny_model_dir()).expect("tiny model folder");
+    StableDiffusion::load(&mut source, device, DType::F32, &mut |_| true).expect("tiny model loads")
+}
+
+/// The wgpu device for parity tests, or `None` (with the reason printed) when this machine has
+/// no Vulkan adapter. CI installs Mesa's lavapipe so the tests run there.
+pub fn wgpu_device() -> Option<Device> {
+    static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    let result = DEVICE.get_or_init(|| {
+        if std::env::var_os("DRAGONEDIT_SKIP_WGPU").is_some() {
+            return Err("DRAGONEDIT_SKIP_WGPU is set".into());
+        }
+        std::panic::catch_unwind(|| {
+            dragonedit::device::gpu(dragonedit::device::GraphicsApi::Vulkan)
+        })
+        .map_err(|_| "wgpu initialisation panicked".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    });
+    match result {
+        Ok(d) => Some(d.clone()),
+        Err(reason) => {
+            println!("SKIPPED wgpu parity test: {reason}");
+            None
+        }
+    }
+}
