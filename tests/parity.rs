@@ -181,3 +181,37 @@ parity_tests! {
     up_block_features(tol);
     inversion(tol);
 }
+
+/// The sampling step against the reference's editing loop: every `step_latents[i + 1]` follows
+/// from `step_latents[i]` with the guided ε for x̂0 and the unguided ε for the direction
+/// (ALGORITHM.md §5.5), for all 50 steps. Pure arithmetic, so the CPU bound applies everywhere.
+#[test]
+fn ddim_step_matches_the_reference_editing_loop() {
+    let device = dragonedit::device::cpu();
+    let schedule = dragonedit::diffusion::Schedule::sd15();
+    let latents = npy("move", "step_latents.npy");
+    let eps = npy("move", "eps_cfg.npy");
+    let guidance = npy("move", "guidance.npy");
+    for (i, t) in schedule.timesteps(50).into_iter().enumerate() {
+        let z: Tensor<4> = latents.index(i).tensor(&device);
+        let e: Tensor<4> = eps.index(i).tensor(&device);
+        let e_x0 = if i < 30 {
+            e.clone() + guidance.index(i).tensor::<4>(&device)
+        } else {
+            e.clone()
+        };
+        let next = dragonedit::diffusion::ddim::step(
+            z,
+            e_x0,
+            e,
+            schedule.alpha_bar(t),
+            schedule.alpha_bar(t - 20),
+        );
+        assert_close(
+            &format!("editing step {i}"),
+            &values(next),
+            &latents.index(i + 1).values,
+            CPU_TOL,
+        );
+    }
+}

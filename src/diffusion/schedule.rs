@@ -169,7 +169,7 @@ mod tests {
     fn alpha_bar_matches_the_algorithm_table() {
         // ALGORITHM.md §1.3, values from diffusers 0.18 (7 significant digits).
         let s = Schedule::sd15();
-        let table = [
+        let table: [(i64, f64); 8] = [
             (981, 0.0057755),
             (961, 0.0072817),
             (781, 0.0434560),
@@ -180,7 +180,7 @@ mod tests {
             (-19, 0.9991500),
         ];
         for (t, expected) in table {
-            let got = s.alpha_bar(t);
+            let got = f64::from(s.alpha_bar(t));
             assert!(
                 ((got - expected) / expected).abs() < 2e-6,
                 "t={t}: {got} vs {expected}"

@@ -205,7 +205,7 @@ impl ClipConfig {
     pub fn parse(file: &str, json: &str) -> Result<Self> {
         let c: Self = serde_json::from_str(json)
             .map_err(|e| model_error(file, format!("not a CLIPTextModel config: {e}")))?;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(model_error(file, "hidden_size must split into the heads"));
         }
         if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {

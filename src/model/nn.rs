@@ -167,13 +167,19 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     activation::silu(x)
 }
 
-/// Nearest-neighbour 2x upsampling (diffusers' `Upsample2D` before its conv).
-pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
+/// Nearest-neighbour upsampling to `size` (PyTorch's legacy "nearest": source index
+/// `floor(dst · in / out)`), as diffusers' `Upsample2D` does before its conv.
+pub fn upsample_nearest(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
     use burn::tensor::module::interpolate;
     use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-    let [_, _, h, w] = x.dims();
     interpolate(
         x,
-        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size),
     )
+}
+
+/// Nearest-neighbour 2x upsampling.
+pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    upsample_nearest(x, [2 * h, 2 * w])
 }

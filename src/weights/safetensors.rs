@@ -238,7 +238,7 @@ pub fn serialize(tensors: &[(&str, StoredDtype, Vec<usize>, Vec<u8>)]) -> Vec<u8
         offset = end;
     }
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

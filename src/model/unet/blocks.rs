@@ -8,7 +8,7 @@ use super::transformer::{Transformer2D, TransformerSpec};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
 use crate::model::config::UnetConfig;
-use crate::model::nn::{Conv2d, ConvSpec, upsample_nearest_2x};
+use crate::model::nn::{Conv2d, ConvSpec, upsample_nearest};
 use crate::model::resnet::{ResnetBlock, ResnetSpec};
 use crate::weights::Loader;
 
@@ -229,7 +229,14 @@ impl UpBlock {
             }
         }
         if let Some(up) = &self.upsampler {
-            x = up.forward(upsample_nearest_2x(x));
+            // Like diffusers' `upsample_size`: when a side was odd on the way down, upsample to
+            // the size of the skip state this output will be joined with, not blindly 2x.
+            let [_, _, h, w] = x.dims();
+            let size = skips
+                .last()
+                .map(|s| [s.dims()[2], s.dims()[3]])
+                .unwrap_or([2 * h, 2 * w]);
+            x = up.forward(upsample_nearest(x, size));
         }
         x
     }
