@@ -14,7 +14,7 @@ cargo fmt --all -- --check
 log "cargo clippy (native)"
 cargo clippy --release --all-targets -- -D warnings
 log "cargo clippy (wasm32)"
-cargo clippy --release --lib --target wasm32-unknown-unknown -- -D warnings
+CARGO_TARGET_DIR="$WASM_TARGET_DIR" cargo clippy --release --lib --target wasm32-unknown-unknown -- -D warnings
 
 log "cargo test (CPU and wgpu/lavapipe)"
 # lavapipe is slow to autotune; the minimal level keeps first calls short. --nocapture shows

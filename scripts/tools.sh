@@ -4,7 +4,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Build outside the clone so repeated runs (and CI on the same machine) reuse the artifacts.
+# The wasm32 build gets its own directory: one cargo build directory cannot be used by two
+# builds at once, and the two targets share almost nothing.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dragonedit/target}"
+WASM_TARGET_DIR="${WASM_TARGET_DIR:-$CARGO_TARGET_DIR-wasm}"
 export PATH="$HOME/.cargo/bin:$PATH"
 WASM_BINDGEN_VERSION="$(grep -A1 '^name = "wasm-bindgen"$' "$ROOT/Cargo.lock" | sed -n 's/version = "\(.*\)"/\1/p')"
 TRUNK_VERSION="0.21.14"
@@ -52,5 +55,5 @@ build_site() {
   need_wasm_bindgen
   need_trunk
   log "trunk build --release"
-  (cd "$ROOT" && TRUNK_SKIP_VERSION_CHECK=true trunk build --release)
+  (cd "$ROOT" && CARGO_TARGET_DIR="$WASM_TARGET_DIR" TRUNK_SKIP_VERSION_CHECK=true trunk build --release)
 }

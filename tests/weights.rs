@@ -167,3 +167,59 @@ fn a_missing_weight_file_is_named() {
     let s = source(tiny_files());
     assert!(s.has(layout::VOCAB));
 }
+
+/// Records the largest single read, to show weights stream one tensor at a time.
+struct CountingSource {
+    bytes: Vec<u8>,
+    largest_read: std::rc::Rc<std::cell::Cell<usize>>,
+}
+
+impl dragonedit::weights::ByteSource for CountingSource {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let start = offset as usize;
+        buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+        self.largest_read
+            .set(self.largest_read.get().max(buf.len()));
+        Ok(())
+    }
+}
+
+#[test]
+fn the_unet_streams_one_tensor_at_a_time() {
+    use dragonedit::model::config::UnetConfig;
+    use dragonedit::model::unet::Unet;
+    use dragonedit::weights::{Loader, SafetensorsReader};
+
+    let root = common::tiny_model_dir();
+    let bytes = std::fs::read(root.join(layout::UNET_WEIGHTS[0])).expect("fixture");
+    let file_len = bytes.len();
+    let largest_read = std::rc::Rc::new(std::cell::Cell::new(0));
+    let source = CountingSource {
+        bytes,
+        largest_read: largest_read.clone(),
+    };
+    let mut reader = SafetensorsReader::open("unet", source).expect("header");
+    let largest_tensor = reader
+        .header()
+        .tensors
+        .values()
+        .map(|t| t.len as usize)
+        .max()
+        .expect("tensors");
+    let config = UnetConfig::parse(
+        "unet/config.json",
+        &std::fs::read_to_string(root.join(layout::UNET_CONFIG)).expect("config"),
+    )
+    .expect("config parses");
+    let device = dragonedit::device::cpu();
+    let mut w = Loader::new(&mut reader, &device, DType::F32);
+    Unet::load(&config, &mut w, DType::F32).expect("loads");
+    w.finish(&[]).expect("every tensor used");
+    // No read is larger than the largest tensor (or the header), far below the whole file.
+    assert!(largest_read.get() <= largest_tensor.max(200_000));
+    assert!(largest_read.get() * 10 < file_len);
+}

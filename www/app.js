@@ -17,15 +17,9 @@ async function main() {
     show("error", "WebGPU is present but no GPU adapter was found. Check that hardware acceleration is enabled.");
     return;
   }
-  // Trunk writes the generated bindings next to index.html; their file name carries a hash,
-  // so find the module from the preload link Trunk inserts.
-  const link = document.querySelector('link[rel="modulepreload"][href$=".js"]');
-  if (!link) {
-    show("error", "The application files are incomplete; rebuild the site.");
-    return;
-  }
-  const wasm = await import(link.href);
-  await wasm.default();
+  // Trunk writes the wasm-bindgen output next to index.html (Trunk.toml: no file hashes).
+  const wasm = await import("./dragonedit.js");
+  await wasm.default({ module_or_path: "./dragonedit_bg.wasm" });
   document.getElementById("version").textContent = `dragonedit ${wasm.version()}`;
   show("busy", "Checking WebGPU…");
   const got = await wasm.webgpu_check();

@@ -9,7 +9,7 @@ use dragonedit::progress::{Phase, Progress};
 use dragonedit::{StableDiffusion, device, image};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::ModelArgs;
+use crate::app::ModelArgs;
 use crate::download;
 
 /// A terminal progress bar that follows the engine's reports, one bar per phase.

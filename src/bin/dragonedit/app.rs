@@ -1,0 +1,146 @@
+//! Command-line arguments and dispatch.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{download, run};
+
+/// Drag-style photo editing with DragonDiffusion on Stable Diffusion 1.5.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every model-using command shares.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A local diffusers SD 1.5 folder, or a base URL to download one from (cached, resumable).
+    #[arg(long)]
+    pub model: String,
+    /// Run on the CPU instead of the GPU (much slower).
+    #[arg(long)]
+    pub cpu: bool,
+    /// Compute in f16 where the GPU supports it.
+    #[arg(long)]
+    pub f16: bool,
+    /// Where downloaded models are cached.
+    #[arg(long, env = "DRAGONEDIT_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image from a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// Output width and height in pixels (multiples of 8).
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Invert a photo with DDIM and save the latents of every step as .npy.
+    Invert {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Working resolution: the image is resized to an area of about R x R.
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Output .npy of shape [steps + 1, 1, 4, H/8, W/8].
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Invert a photo and sample it back: a check that inversion and sampling agree.
+    Reconstruct {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Guidance while sampling back (1 = none, which reconstructs most closely).
+        #[arg(long, default_value_t = 1.0)]
+        guidance: f32,
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Download a model into the cache and print its folder.
+    Fetch {
+        /// Base URL of a diffusers folder.
+        #[arg(long)]
+        url: String,
+        #[arg(long, env = "DRAGONEDIT_CACHE")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate {
+            model,
+            prompt,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            out,
+        } => run::generate(
+            &model,
+            &prompt,
+            seed,
+            steps,
+            guidance,
+            (height, width),
+            &out,
+        ),
+        Command::Invert {
+            model,
+            image,
+            prompt,
+            steps,
+            resolution,
+            out,
+        } => run::invert(&model, &image, &prompt, steps, resolution, &out),
+        Command::Reconstruct {
+            model,
+            image,
+            prompt,
+            steps,
+            guidance,
+            resolution,
+            out,
+        } => run::reconstruct(&model, &image, &prompt, steps, guidance, resolution, &out),
+        Command::Fetch { url, cache_dir } => {
+            let dir = download::fetch_model(&url, cache_dir.as_deref())?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+    }
+}
