@@ -69,7 +69,7 @@ fn check_graph(device: &Device) -> Tensor<4> {
 fn check_reference() -> f64 {
     let x = ramp(16, 0.1);
     let w = ramp(18, 0.2);
-    let mut y = vec![0f32; 32];
+    let mut y = [0f32; 32];
     for o in 0..2 {
         for r in 0..4i32 {
             for c in 0..4i32 {
