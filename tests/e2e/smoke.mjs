@@ -13,9 +13,10 @@ if (!dist) throw new Error("usage: node smoke.mjs DIST_DIR");
 const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css" };
 const server = createServer(async (req, res) => {
   const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname)).replace(/^(\.\.[/\\])+/, "");
+  const file = join(dist, path === "/" ? "index.html" : path);
   try {
-    const body = await readFile(join(dist, path === "/" ? "index.html" : path));
-    res.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
+    const body = await readFile(file);
+    res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
     res.end(body);
   } catch {
     res.writeHead(404);
@@ -57,7 +58,7 @@ await check("page loads and runs a WebGPU tensor program", ["--enable-unsafe-web
   if (foreign.length) throw new Error(`requests left the page's origin: ${foreign.join(", ")}`);
 });
 
-await check("without WebGPU the page says so", ["--disable-webgpu"], async (page) => {
+await check("without WebGPU the page says so", [], async (page) => {
   await page.waitForFunction(() => document.getElementById("status").dataset.state === "error", null, { timeout: 60_000 });
   const text = await page.textContent("#status");
   if (!/WebGPU/.test(text)) throw new Error(`unexpected message: ${text}`);
