@@ -1,6 +1,7 @@
 //! WebGPU buffer limits: self-attention at SD 1.5's 512 px scale (a 64x64 latent, 4096 tokens,
-//! 8 heads, CFG batch of 2) must run without any single allocation above 256 MiB. Unchunked,
-//! its score matrix alone is one 1 GiB buffer. Measured on the wgpu backend through burn's
+//! 8 heads) must run without any single allocation above 256 MiB. Unchunked, its score matrix
+//! alone is one 512 MiB buffer per image. The head width is cut from 40 to 8 to keep the test
+//! cheap on software Vulkan: the score matrices, which the chunking bounds, are the same size. Measured on the wgpu backend through burn's
 //! memory-pool report (lavapipe in CI also caps bindings at 128 MiB, like WebGPU's default).
 
 mod common;
@@ -15,7 +16,7 @@ fn sd15_self_attention_at_512px_allocates_no_buffer_over_256_mib() {
     let Some(device) = common::wgpu_device() else {
         return;
     };
-    let shape = [2, 8, 4096, 40];
+    let shape = [1, 8, 4096, 8];
     let q = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
     let k = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
     let v = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
