@@ -32,6 +32,20 @@ pub struct ModelArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// The photo and inversion options `invert` and `reconstruct` share.
+#[derive(Args, Clone)]
+pub struct PhotoArgs {
+    #[arg(long)]
+    pub image: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Working resolution: the image is resized to an area of about R x R.
+    #[arg(long, default_value_t = 512)]
+    pub resolution: u32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Generate an image from a prompt.
@@ -58,15 +72,8 @@ enum Command {
     Invert {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long, default_value = "")]
-        prompt: String,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// Working resolution: the image is resized to an area of about R x R.
-        #[arg(long, default_value_t = 512)]
-        resolution: u32,
+        #[command(flatten)]
+        photo: PhotoArgs,
         /// Output .npy of shape [steps + 1, 1, 4, H/8, W/8].
         #[arg(long)]
         out: PathBuf,
@@ -75,17 +82,11 @@ enum Command {
     Reconstruct {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long, default_value = "")]
-        prompt: String,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
+        #[command(flatten)]
+        photo: PhotoArgs,
         /// Guidance while sampling back (1 = none, which reconstructs most closely).
         #[arg(long, default_value_t = 1.0)]
         guidance: f32,
-        #[arg(long, default_value_t = 512)]
-        resolution: u32,
         #[arg(long)]
         out: PathBuf,
     },
@@ -120,23 +121,13 @@ pub fn main() -> Result<()> {
             (height, width),
             &out,
         ),
-        Command::Invert {
-            model,
-            image,
-            prompt,
-            steps,
-            resolution,
-            out,
-        } => run::invert(&model, &image, &prompt, steps, resolution, &out),
+        Command::Invert { model, photo, out } => run::invert(&model, &photo, &out),
         Command::Reconstruct {
             model,
-            image,
-            prompt,
-            steps,
+            photo,
             guidance,
-            resolution,
             out,
-        } => run::reconstruct(&model, &image, &prompt, steps, guidance, resolution, &out),
+        } => run::reconstruct(&model, &photo, guidance, &out),
         Command::Fetch { url, cache_dir } => {
             let dir = download::fetch_model(&url, cache_dir.as_deref())?;
             println!("{}", dir.display());

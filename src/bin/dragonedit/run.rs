@@ -9,7 +9,7 @@ use dragonedit::progress::{Phase, Progress};
 use dragonedit::{StableDiffusion, device, image};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::app::ModelArgs;
+use crate::app::{ModelArgs, PhotoArgs};
 use crate::download;
 
 /// A terminal progress bar that follows the engine's reports, one bar per phase.
@@ -134,33 +134,20 @@ fn check_steps(steps: usize) -> Result<()> {
     Ok(())
 }
 
-fn inversion(
-    sd: &StableDiffusion,
-    image_path: &Path,
-    prompt: &str,
-    steps: usize,
-    resolution: u32,
-    bar: &mut Bar,
-) -> Result<Vec<Tensor<4>>> {
-    let x = read_image(sd, image_path, resolution)?;
+/// Loads, resizes and encodes the photo, then inverts it: the `steps + 1` latents.
+fn inversion(sd: &StableDiffusion, photo: &PhotoArgs, bar: &mut Bar) -> Result<Vec<Tensor<4>>> {
+    let x = read_image(sd, &photo.image, photo.resolution)?;
     let z0 = sd.encode_image(x)?;
-    let context = sd.encode_prompts(&[prompt])?;
+    let context = sd.encode_prompts(&[&photo.prompt])?;
     let mut hook = dragonedit::model::unet::NoHook;
-    Ok(sd.invert(z0, &context, steps, &mut hook, &mut |p| bar.report(p))?)
+    Ok(sd.invert(z0, &context, photo.steps, &mut hook, &mut |p| bar.report(p))?)
 }
 
-pub fn invert(
-    args: &ModelArgs,
-    image_path: &Path,
-    prompt: &str,
-    steps: usize,
-    resolution: u32,
-    out: &Path,
-) -> Result<()> {
-    check_steps(steps)?;
+pub fn invert(args: &ModelArgs, photo: &PhotoArgs, out: &Path) -> Result<()> {
+    check_steps(photo.steps)?;
     let mut bar = Bar::new();
     let sd = load(args, &mut bar)?;
-    let latents = inversion(&sd, image_path, prompt, steps, resolution, &mut bar)?;
+    let latents = inversion(&sd, photo, &mut bar)?;
     let stacked = Tensor::stack::<5>(latents, 0);
     let (shape, values) = read_values(stacked)?;
     let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
@@ -169,22 +156,15 @@ pub fn invert(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn reconstruct(
-    args: &ModelArgs,
-    image_path: &Path,
-    prompt: &str,
-    steps: usize,
-    guidance: f32,
-    resolution: u32,
-    out: &Path,
-) -> Result<()> {
-    check_steps(steps)?;
+pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Path) -> Result<()> {
+    check_steps(photo.steps)?;
     let mut bar = Bar::new();
     let sd = load(args, &mut bar)?;
-    let mut latents = inversion(&sd, image_path, prompt, steps, resolution, &mut bar)?;
+    let mut latents = inversion(&sd, photo, &mut bar)?;
     let z_t = latents.pop().context("inversion returned no latents")?;
-    let z0 = sd.sample(z_t, prompt, guidance, steps, &mut |p| bar.report(p))?;
+    let z0 = sd.sample(z_t, &photo.prompt, guidance, photo.steps, &mut |p| {
+        bar.report(p)
+    })?;
     write_image(sd.decode(z0), out)
 }
 
