@@ -32,6 +32,10 @@ pub enum Error {
     #[error("GPU: {0}")]
     Device(String),
 
+    /// The edit spec cannot be run as written.
+    #[error("edit spec: {0}")]
+    Spec(String),
+
     /// A caller passed values that do not fit together.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -7,6 +7,7 @@
 
 pub mod device;
 pub mod diffusion;
+pub mod edit;
 pub mod error;
 pub mod image;
 pub mod model;

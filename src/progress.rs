@@ -10,6 +10,7 @@ pub enum Phase {
     EncodingImage,
     Inverting,
     Sampling,
+    Editing,
     Decoding,
 }
 
@@ -21,6 +22,7 @@ impl std::fmt::Display for Phase {
             Self::EncodingImage => "encoding image",
             Self::Inverting => "inverting",
             Self::Sampling => "sampling",
+            Self::Editing => "editing",
             Self::Decoding => "decoding",
         })
     }

@@ -15,6 +15,9 @@ pub struct DecoderAttention {
 /// Sees (and may replace) the projected K and V, `[B, tokens, C]` before the head split, of every
 /// decoder self-attention layer.
 pub trait KvHook {
+    /// Called once at the start of every UNet pass, before any layer.
+    fn begin_pass(&mut self) {}
+
     fn self_attention_kv(
         &mut self,
         layer: DecoderAttention,

@@ -113,7 +113,9 @@ impl Unet {
         context: &Tensor<3>,
         hook: &mut dyn KvHook,
         last_up: usize,
+        head: bool,
     ) -> Vec<Tensor<4>> {
+        hook.begin_pass();
         let device = latent.device();
         let batch = latent.dims()[0];
         let t = self.timestep_features(timestep, batch, &device);
@@ -136,7 +138,7 @@ impl Unet {
             x = block.forward(x, &mut skips, &temb, context, &self.attention, hook, i);
             outputs.push(x.clone());
         }
-        if last_up + 1 == self.up.len() {
+        if head && last_up + 1 == self.up.len() {
             outputs.push(self.conv_out.forward(silu(self.norm_out.forward(x))));
         }
         outputs
@@ -151,7 +153,7 @@ impl Unet {
         context: &Tensor<3>,
         hook: &mut dyn KvHook,
     ) -> Tensor<4> {
-        let mut outputs = self.run(latent, timestep, context, hook, self.up.len() - 1);
+        let mut outputs = self.run(latent, timestep, context, hook, self.up.len() - 1, true);
         outputs
             .pop()
             .expect("run() with the last up block returns the head output")
@@ -167,8 +169,20 @@ impl Unet {
         last_up: usize,
     ) -> Vec<Tensor<4>> {
         let last = last_up.min(self.up.len() - 1);
-        let mut outputs = self.run(latent, timestep, context, &mut NoHook, last);
+        let mut outputs = self.run(latent, timestep, context, &mut NoHook, last, false);
         outputs.truncate(last + 1);
         outputs
+    }
+
+    /// Runs every decoder block (not the output head) so that `hook` sees the K/V of every
+    /// decoder self-attention: how a memory-bank entry is recomputed (ALGORITHM.md §2.2).
+    pub fn capture_decoder_kv(
+        &self,
+        latent: Tensor<4>,
+        timestep: f32,
+        context: &Tensor<3>,
+        hook: &mut dyn KvHook,
+    ) {
+        let _ = self.run(latent, timestep, context, hook, self.up.len() - 1, false);
     }
 }

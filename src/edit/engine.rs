@@ -1,0 +1,387 @@
+//! The editing engine: working-resolution images → VAE latents → DDIM inversion (with the
+//! memory bank) → initial-latent edit → guided DDIM sampling → decoded image
+//! (ALGORITHM.md §9, the `'D'` path).
+
+use burn::tensor::{Tensor, TensorData};
+use image::{RgbImage, imageops::FilterType};
+
+use super::bank::{BankEntry, BankInjection, BankPolicy, TokenMasks};
+use super::guidance::{self, Guidance};
+use super::initial::{initial_latent, place};
+use super::mask::{Mask, Placement};
+use super::plan::{EditPlan, Fidelity};
+use super::spec::Edit;
+use crate::StableDiffusion;
+use crate::diffusion::ddim;
+use crate::error::{Error, Result};
+use crate::image as pixels;
+use crate::model::unet::{DecoderAttention, KvHook, NoHook};
+use crate::progress::{Phase, Progress, ProgressFn};
+
+/// Engine settings that are not part of the edit itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub bank: BankPolicy,
+    pub fidelity: Fidelity,
+}
+
+/// The first guided step in detail, as the reference fixtures' `first_guided_step.npz`.
+pub struct FirstStep {
+    pub latent: Tensor<4>,
+    pub latent_ref: Tensor<4>,
+    pub eps_uncond: Tensor<4>,
+    pub eps_text: Tensor<4>,
+    pub guidance: Guidance,
+    pub masks: Vec<(&'static str, Mask)>,
+}
+
+/// Intermediate tensors of a run, for `--trace` (the layout of the reference fixtures).
+#[derive(Default)]
+pub struct Trace {
+    /// `steps + 1` latents `[B, 4, h, w]`, `z0` first.
+    pub inversion_latents: Vec<Tensor<4>>,
+    /// `z_T` after the initial edit, then the latent after each step.
+    pub step_latents: Vec<Tensor<4>>,
+    pub eps_cfg: Vec<Tensor<4>>,
+    pub guidance: Vec<Tensor<4>>,
+    /// `(E_edit, E_content)` per guided step (NaN where a term is absent).
+    pub energies: Vec<(f32, f32)>,
+    pub first_step: Option<FirstStep>,
+    pub text_embeddings: Option<Tensor<3>>,
+    pub inversion_text_embeddings: Option<Tensor<3>>,
+    /// Device bytes of the memory-bank entries held at once (all stored ones, or one).
+    pub bank_bytes: usize,
+}
+
+/// An edit's result.
+pub struct EditOutput {
+    /// The edited photo at the working resolution.
+    pub image: RgbImage,
+    pub final_latent: Tensor<4>,
+}
+
+/// The inversion of one photo (and reference image): what a second edit of the same inputs
+/// can reuse.
+pub struct Inversion {
+    /// `steps + 1` latents `[B, 4, h, w]`.
+    pub latents: Vec<Tensor<4>>,
+    /// Inversion text context `[B, 77, C]`.
+    pub context: Tensor<3>,
+    /// Stored bank entries by editing step, when the policy stores them.
+    pub bank: Option<Vec<Option<BankEntry>>>,
+}
+
+/// Records the decoder self-attention K/V of the inversion passes whose editing step the
+/// sampler will read: pass k of the inversion is editing step `steps − 1 − k`.
+struct BankRecorder {
+    wanted: Vec<bool>,
+    pass: Option<usize>,
+    entries: Vec<Option<BankEntry>>,
+}
+
+impl KvHook for BankRecorder {
+    fn begin_pass(&mut self) {
+        self.pass = Some(self.pass.map_or(0, |p| p + 1));
+    }
+
+    fn self_attention_kv(
+        &mut self,
+        layer: DecoderAttention,
+        key: Tensor<3>,
+        value: Tensor<3>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let steps = self.wanted.len();
+        if let Some(k) = self.pass
+            && k < steps
+        {
+            let step = steps - 1 - k;
+            if self.wanted[step] {
+                self.entries[step]
+                    .get_or_insert_with(BankEntry::default)
+                    .layers
+                    .insert(layer, (key.clone(), value.clone()));
+            }
+        }
+        (key, value)
+    }
+}
+
+fn report(progress: &mut ProgressFn, phase: Phase, step: usize, total: usize) -> Result<()> {
+    if progress(Progress { phase, step, total }) {
+        Ok(())
+    } else {
+        Err(Error::Cancelled)
+    }
+}
+
+/// Runs edits with one loaded model.
+pub struct Editor<'a> {
+    pub sd: &'a StableDiffusion,
+    pub options: EngineOptions,
+}
+
+impl<'a> Editor<'a> {
+    pub fn new(sd: &'a StableDiffusion, options: EngineOptions) -> Self {
+        Self { sd, options }
+    }
+
+    /// The plan of `edit` at its working resolution.
+    pub fn plan(&self, edit: &Edit) -> Result<EditPlan> {
+        let (w, h) = pixels::working_size(edit.image.width(), edit.image.height(), edit.resolution);
+        EditPlan::new(edit, (h as usize, w as usize), self.options.fidelity)
+    }
+
+    /// VAE input `[B, 3, H, W]`: the photo at the working size and, in cross-image modes, the
+    /// reference image resized to the same size (and scaled about its centre when pasting).
+    pub fn images(&self, edit: &Edit, plan: &EditPlan) -> Result<Tensor<4>> {
+        let (h, w) = plan.spaces.working;
+        let device = self.sd.device();
+        let resize = |img: &RgbImage| {
+            if img.dimensions() == (w as u32, h as u32) {
+                img.clone()
+            } else {
+                image::imageops::resize(img, w as u32, h as u32, FilterType::Lanczos3)
+            }
+        };
+        let base = pixels::tensor_from_image(&resize(&edit.image), device);
+        let Some(reference) = &edit.reference else {
+            return Ok(base);
+        };
+        let mut r = pixels::tensor_from_image(&resize(reference), device);
+        if plan.reference_scale != 1.0 {
+            r = place(
+                r,
+                &Placement::new(h, plan.reference_scale, 0, false),
+                &Placement::new(w, plan.reference_scale, 0, false),
+            );
+        }
+        Ok(Tensor::cat(vec![base, r], 0))
+    }
+
+    /// Encodes and inverts the photo (and reference image).
+    pub fn invert(
+        &self,
+        edit: &Edit,
+        plan: &EditPlan,
+        progress: &mut ProgressFn,
+    ) -> Result<Inversion> {
+        report(progress, Phase::EncodingPrompt, 0, 1)?;
+        let prompts: Vec<&str> = if plan.inversion_batch() == 2 {
+            vec![&edit.prompt, &edit.reference_prompt]
+        } else {
+            vec![&edit.prompt]
+        };
+        let context = self.sd.encode_prompts(&prompts)?;
+        report(progress, Phase::EncodingImage, 0, 1)?;
+        let z0 = self.sd.encode_image(self.images(edit, plan)?)?;
+        self.invert_latent(plan, z0, context, progress)
+    }
+
+    /// DDIM inversion of VAE latents `z0` `[B, 4, h, w]` with `context` `[B, 77, C]`.
+    pub fn invert_latent(
+        &self,
+        plan: &EditPlan,
+        z0: Tensor<4>,
+        context: Tensor<3>,
+        progress: &mut ProgressFn,
+    ) -> Result<Inversion> {
+        let steps = plan.steps;
+        let (latents, bank) = match self.options.bank {
+            BankPolicy::Recompute => (
+                self.sd.invert(z0, &context, steps, &mut NoHook, progress)?,
+                None,
+            ),
+            BankPolicy::Store => {
+                let mut recorder = BankRecorder {
+                    wanted: (0..steps).map(|i| plan.injects(i)).collect(),
+                    pass: None,
+                    entries: vec![None; steps],
+                };
+                let latents = self
+                    .sd
+                    .invert(z0, &context, steps, &mut recorder, progress)?;
+                (latents, Some(recorder.entries))
+            }
+        };
+        Ok(Inversion {
+            latents,
+            context,
+            bank,
+        })
+    }
+
+    /// The whole edit: inversion, sampling, decoding.
+    pub fn run(
+        &self,
+        edit: &Edit,
+        mut trace: Option<&mut Trace>,
+        progress: &mut ProgressFn,
+    ) -> Result<EditOutput> {
+        let plan = self.plan(edit)?;
+        let inversion = self.invert(edit, &plan, progress)?;
+        let context = self.sd.encode_prompts(&["", &edit.prompt])?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.inversion_latents = inversion.latents.clone();
+            tr.text_embeddings = Some(context.clone());
+            tr.inversion_text_embeddings = Some(inversion.context.clone());
+        }
+        let z = self.sample(&plan, &inversion, &context, trace, progress)?;
+        report(progress, Phase::Decoding, 0, 1)?;
+        let image = self.sd.decode(z.clone());
+        let [_, _, h, w] = image.dims();
+        let values = image
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::Device(format!("cannot read the image back: {e:?}")))?;
+        let image = pixels::image_from_values(&values, h, w)?;
+        Ok(EditOutput {
+            image,
+            final_latent: z,
+        })
+    }
+
+    /// The CFG noise prediction pair `[2, 4, h, w]` (unconditional, conditional) of editing step
+    /// `step` at `z`, with the memory bank injected where the plan says.
+    pub fn eps_pair(
+        &self,
+        plan: &EditPlan,
+        z: &Tensor<4>,
+        step: usize,
+        context: &Tensor<3>,
+        entry: Option<&BankEntry>,
+        tokens: Option<&mut TokenMasks>,
+    ) -> Tensor<4> {
+        let t = self.sd.schedule.timesteps(plan.steps)[step] as f32;
+        let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
+        match entry {
+            Some(entry) => {
+                let mut hook = BankInjection {
+                    injection: plan.injection,
+                    entry,
+                    tokens,
+                };
+                self.sd.unet.forward(pair, t, context, &mut hook)
+            }
+            None => self.sd.unet.forward(pair, t, context, &mut NoHook),
+        }
+    }
+
+    /// The bank entry of editing step `step`: stored, or recomputed from the inversion latent.
+    pub fn bank_entry(&self, plan: &EditPlan, inversion: &Inversion, step: usize) -> BankEntry {
+        if let Some(Some(e)) = inversion.bank.as_ref().and_then(|b| b.get(step)) {
+            return e.clone();
+        }
+        let t = self.sd.schedule.timesteps(plan.steps)[step] as f32;
+        BankEntry::recompute(
+            &self.sd.unet,
+            inversion.latents[plan.steps - 1 - step].clone(),
+            t,
+            &inversion.context,
+        )
+    }
+
+    /// Guided DDIM sampling from the inversion (ALGORITHM.md §5.5, §9). `context` is the CFG
+    /// context `[2, 77, C]` (unconditional first).
+    pub fn sample(
+        &self,
+        plan: &EditPlan,
+        inversion: &Inversion,
+        context: &Tensor<3>,
+        mut trace: Option<&mut Trace>,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor<4>> {
+        let steps = plan.steps;
+        let schedule = &self.sd.schedule;
+        let stride = schedule.stride(steps) as i64;
+        let timesteps = schedule.timesteps(steps);
+        let cond = context.clone().narrow(0, 1, 1);
+        let z_t = inversion.latents[steps].clone();
+        let mut z = initial_latent(&plan.latent_edit, z_t);
+        let mut tokens = plan
+            .token_masks
+            .as_ref()
+            .map(|(b, r)| TokenMasks::new(b.clone(), r.clone()));
+        let stored_bytes: usize = inversion
+            .bank
+            .iter()
+            .flatten()
+            .flatten()
+            .map(BankEntry::bytes)
+            .sum();
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.step_latents.push(z.clone());
+            tr.bank_bytes = stored_bytes;
+        }
+        let g = plan.strengths.guidance_scale as f32;
+        for (i, &t) in timesteps.iter().enumerate() {
+            report(progress, Phase::Editing, i, steps)?;
+            let entry = plan.injects(i).then(|| self.bank_entry(plan, inversion, i));
+            if let (Some(tr), Some(e), None) = (trace.as_deref_mut(), &entry, &inversion.bank) {
+                tr.bank_bytes = tr.bank_bytes.max(e.bytes());
+            }
+            let pair = self.eps_pair(plan, &z, i, context, entry.as_ref(), tokens.as_mut());
+            let eps = ddim::classifier_free(pair.clone(), g);
+            let a_t = schedule.alpha_bar(t);
+            let a_prev = schedule.alpha_bar(t - stride);
+            let eps_x0 = if plan.is_guided(i) {
+                let reference = if i == 0 && plan.patched_reference_latent {
+                    z.clone()
+                } else {
+                    inversion.latents[steps - i].clone()
+                };
+                let gd = guidance::evaluate(&self.sd.unet, plan, &z, &reference, t as f32, &cond)?;
+                if !gd.e_edit.is_finite() && !gd.e_content.is_finite() {
+                    return Err(Error::InvalidInput(format!(
+                        "the guidance energy at step {i} is not finite; lower the strengths"
+                    )));
+                }
+                let eps_x0 = eps.clone() + gd.guidance.clone();
+                if let Some(tr) = trace.as_deref_mut() {
+                    tr.guidance.push(gd.guidance.clone());
+                    tr.energies.push((gd.e_edit, gd.e_content));
+                    if i == 0 {
+                        tr.first_step = Some(FirstStep {
+                            latent: z.clone(),
+                            latent_ref: reference,
+                            eps_uncond: pair.clone().narrow(0, 0, 1),
+                            eps_text: pair.narrow(0, 1, 1),
+                            guidance: gd,
+                            masks: plan.trace_masks(),
+                        });
+                    }
+                }
+                eps_x0
+            } else {
+                eps.clone()
+            };
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.eps_cfg.push(eps.clone());
+            }
+            z = ddim::step(z, eps_x0, eps, a_t, a_prev);
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.step_latents.push(z.clone());
+            }
+        }
+        report(progress, Phase::Editing, steps, steps)?;
+        let finite = z
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .unwrap_or(false);
+        if !finite {
+            return Err(Error::InvalidInput(
+                "the edit diverged (non-finite latent); lower energy_scale or guidance_scale"
+                    .into(),
+            ));
+        }
+        Ok(z)
+    }
+}
+
+/// Shorthand for tests and tools: `[1, 4, h, w]`-shaped data on the model's device.
+pub fn latent_from(values: Vec<f32>, shape: [usize; 4], sd: &StableDiffusion) -> Tensor<4> {
+    Tensor::from_data(TensorData::new(values, shape), sd.device())
+}

@@ -1,0 +1,116 @@
+//! One guidance evaluation (ALGORITHM.md §3, §5): features of the reference latent(s) without
+//! gradient, features of the current latent with gradient through the truncated UNet, the
+//! energies, their gradients with respect to the latent only, and the region composition.
+
+use burn::tensor::Tensor;
+
+use super::energy::{Level, energies};
+use super::plan::EditPlan;
+use crate::error::{Error, Result};
+use crate::model::unet::Unet;
+
+/// The up blocks whose outputs are the features (`up_ft_index = [1, 2]`).
+pub const FEATURE_BLOCKS: [usize; 2] = [1, 2];
+
+/// What one guidance evaluation produced.
+pub struct Guidance {
+    /// Energies (λ-scaled) for reports and traces; NaN when the term is absent.
+    pub e_edit: f32,
+    pub e_content: f32,
+    pub g_edit: Tensor<4>,
+    pub g_content: Option<Tensor<4>>,
+    /// κ (g_edit ⊙ m + g_content ⊙ (1 − m)), added to ε before the x̂0 estimate.
+    pub guidance: Tensor<4>,
+    /// Raw feature maps `[1, C, h, w]`, per feature block: generated, reference, replace.
+    pub features: Vec<(Tensor<4>, Tensor<4>, Option<Tensor<4>>)>,
+}
+
+fn scalar(t: &Tensor<1>) -> f32 {
+    t.clone().without_autodiff().into_scalar::<f32>()
+}
+
+/// Evaluates the guidance at latent `z` `[1, 4, h, w]` and timestep `t`. `reference` is the
+/// inversion latent of this step, `[B, 4, h, w]` (B = 2 in cross-image modes: base, reference
+/// image); `context` the conditional text embedding `[1, 77, C]`.
+pub fn evaluate(
+    unet: &Unet,
+    plan: &EditPlan,
+    z: &Tensor<4>,
+    reference: &Tensor<4>,
+    timestep: f32,
+    context: &Tensor<3>,
+) -> Result<Guidance> {
+    let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
+    let refs_batch = reference.dims()[0];
+    let ref_context = context.clone().repeat_dim(0, refs_batch);
+    let refs = unet.up_block_features(reference.clone(), timestep, &ref_context, last);
+
+    // One graph for both energies: the latent enters twice, so row 0 carries the editing
+    // energy's gradient and row 1 the content energy's (burn cannot keep a graph for a second
+    // backward). Face mode has no content term and runs a batch of one.
+    let has_content = !matches!(
+        plan.energy,
+        super::plan::EnergyPlan::Drag { other: None, .. }
+    );
+    let rows = if has_content { 2 } else { 1 };
+    let leaf = z.clone().repeat_dim(0, rows).autodiff().require_grad();
+    let gen_context = context.clone().repeat_dim(0, rows);
+    let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
+
+    let mut edit_levels = Vec::new();
+    let mut content_levels = Vec::new();
+    let mut features = Vec::new();
+    for &b in &FEATURE_BLOCKS {
+        let g = gens[b].clone();
+        let r = refs[b].clone();
+        let base = r.clone().narrow(0, 0, 1);
+        let replace = (refs_batch > 1).then(|| r.clone().narrow(0, 1, 1));
+        let g_edit = g.clone().narrow(0, 0, 1);
+        let g_content = g.narrow(0, rows - 1, 1);
+        features.push((
+            g_edit.clone().without_autodiff(),
+            base.clone(),
+            replace.clone(),
+        ));
+        edit_levels.push(Level::new(g_edit, base.clone(), replace.clone()));
+        content_levels.push(Level::new(g_content, base, replace));
+    }
+    let e = energies(plan, &edit_levels, &content_levels);
+    let e_edit = e.edit.as_ref().map_or(f32::NAN, scalar);
+    let e_content = e.content.as_ref().map_or(f32::NAN, scalar);
+    let total = match (e.edit, e.content) {
+        (Some(a), Some(b)) => a + b,
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => {
+            return Err(Error::Spec(
+                "every energy of this edit is empty: the masks or points select nothing".into(),
+            ));
+        }
+    };
+    let grads = total.backward();
+    let grad = leaf.grad(&grads).ok_or_else(|| {
+        Error::InvalidInput("the guidance energy does not depend on the latent".into())
+    })?;
+    let g_edit = grad.clone().narrow(0, 0, 1);
+    let g_content = has_content.then(|| grad.narrow(0, 1, 1));
+    let kappa = plan.kappa as f32;
+    let guidance = match (&plan.composite, &g_content) {
+        (Some(m), Some(gc)) => {
+            let [_, _, h, w] = g_edit.dims();
+            let mask = Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(m.to_f32(), [1, 1, h, w]),
+                &g_edit.device(),
+            );
+            (g_edit.clone() * mask.clone() + gc.clone() * (mask.neg() + 1.0)) * kappa
+        }
+        _ => g_edit.clone() * kappa,
+    };
+    Ok(Guidance {
+        e_edit,
+        e_content,
+        g_edit,
+        g_content,
+        guidance,
+        features,
+    })
+}

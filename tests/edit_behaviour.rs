@@ -1,0 +1,398 @@
+//! Behaviour of the editing engine on the tiny model that the reference fixtures cannot show:
+//! the self-consistency and gradient oracles of ALGORITHM.md §12, the edge cases of §14
+//! (finite results or clear errors where the official release gives NaN or crashes),
+//! non-square photos, the two memory-bank policies, and cancellation.
+
+mod common;
+
+use ::image::{Rgb, RgbImage};
+use burn::tensor::{Device, Tensor, TensorData};
+use common::*;
+use dragonedit::edit::{
+    BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, guidance,
+};
+use dragonedit::{Error, Phase};
+
+fn read(case: &str, name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(case).join(name)).expect("fixture file")
+}
+
+fn photo(case: &str, name: &str) -> RgbImage {
+    dragonedit::image::decode(&read(case, name)).expect("decodes")
+}
+
+/// Resolves `json` against the files of fixture `case` (and `extra` named files).
+fn edit(json: &str, case: &str, image: RgbImage, reference: Option<RgbImage>) -> Edit {
+    EditSpec::from_json(json)
+        .expect("spec")
+        .resolve(image, reference, &mut |name| Ok(read(case, name)))
+        .expect("resolves")
+}
+
+fn plan(e: &Edit) -> EditPlan {
+    let (h, w) = (e.image.height() as usize, e.image.width() as usize);
+    EditPlan::new(e, (h, w), Fidelity::default()).expect("plan")
+}
+
+/// The specs of the five modes on the fixtures' 128x128 scenes.
+fn mode_specs() -> Vec<(&'static str, &'static str, &'static str)> {
+    vec![
+        (
+            "move",
+            "move",
+            r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [72, 72],
+                "prompt": "a photo of a red ball on the table", "resolution": 128}"#,
+        ),
+        (
+            "drag",
+            "drag",
+            r#"{"mode": "drag", "mask": "mask.png", "resolution": 128,
+                "points": [{"handle": [52, 64], "target": [64, 60]}]}"#,
+        ),
+        (
+            "face",
+            "face_landmark",
+            r#"{"mode": "face_landmarks", "resolution": 128,
+                "points": [{"handle": [30, 70], "target": [27, 70]},
+                           {"handle": [64, 110], "target": [64, 113]}]}"#,
+        ),
+        (
+            "appearance",
+            "appearance",
+            r#"{"mode": "appearance", "mask": "mask.png", "reference_mask": "ref_mask.png",
+                "resolution": 128}"#,
+        ),
+        (
+            "paste",
+            "paste",
+            r#"{"mode": "paste", "reference_mask": "mask.png", "offset": [-54, 32],
+                "resolution": 128}"#,
+        ),
+    ]
+}
+
+fn reference_of(case: &str, e: &EditSpec) -> Option<RgbImage> {
+    e.mode
+        .kind()
+        .needs_reference()
+        .then(|| photo(case, "reference.png"))
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
+fn tensor(v: Vec<f32>, like: &Tensor<4>) -> Tensor<4> {
+    let dims = like.dims();
+    Tensor::from_data(TensorData::new(v, dims), &like.device())
+}
+
+/// §12.5: central finite differences of each energy along a fixed pseudo-random direction
+/// match the autodiff gradient, and stepping against the gradient lowers the energy.
+#[test]
+fn energy_gradients_match_finite_differences() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    for (name, case, json) in mode_specs() {
+        let spec = EditSpec::from_json(json).expect("spec");
+        let e = edit(
+            json,
+            case,
+            photo(case, "image.png"),
+            reference_of(case, &spec),
+        );
+        let p = plan(&e);
+        // Step 2 of the reference run: the generated and reference latents differ (at step 0
+        // drag's are equal and its content gradient vanishes).
+        let z: Tensor<4> = npy(case, "step_latents.npy").index(2).tensor(&device);
+        let z_ref: Tensor<4> = npy(case, "inversion_latents.npy").index(48).tensor(&device);
+        let cond: Tensor<3> = npy(case, "text_embeddings.npy")
+            .tensor::<3>(&device)
+            .narrow(0, 1, 1);
+        let t = 941.0;
+        let at = |z: &Tensor<4>| guidance::evaluate(&sd.unet, &p, z, &z_ref, t, &cond).expect("ok");
+        let g0 = at(&z);
+        let zv = values(z.clone());
+        let n = zv.len();
+        let dir: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 12.9898).sin() * 43758.545).fract() - 0.5)
+            .collect();
+        let norm = dot(&dir, &dir).sqrt() as f32;
+        let dir: Vec<f32> = dir.iter().map(|d| d / norm).collect();
+        let h = 1e-2f32;
+        let shifted = |s: f32| tensor(zv.iter().zip(&dir).map(|(a, d)| a + s * d).collect(), &z);
+        let (plus, minus) = (at(&shifted(h)), at(&shifted(-h)));
+        let mut terms = vec![(
+            "edit",
+            g0.e_edit,
+            plus.e_edit,
+            minus.e_edit,
+            g0.g_edit.clone(),
+        )];
+        if let Some(gc) = &g0.g_content {
+            terms.push((
+                "content",
+                g0.e_content,
+                plus.e_content,
+                minus.e_content,
+                gc.clone(),
+            ));
+        }
+        for (term, e0, ep, em, grad) in terms {
+            let g = values(grad);
+            let fd = f64::from(ep - em) / (2.0 * f64::from(h));
+            let analytic = dot(&g, &dir);
+            let gnorm = dot(&g, &g).sqrt();
+            let err = (fd - analytic).abs() / gnorm;
+            println!(
+                "{name} E_{term} = {e0:.3}: finite difference {fd:.4}, autodiff {analytic:.4}, |g| {gnorm:.3}, error {err:.1e} of |g|"
+            );
+            // f32 energies of ~1e3 carry ~1e-4 absolute rounding, ~5e-3 over 2h = 0.02, i.e.
+            // ~1e-4 of |g| here (measured up to 4.5e-4): a wrong sign, factor or missing term
+            // is off by the order of |g|.
+            assert!(
+                err < 5e-3,
+                "{name} E_{term}: finite difference {fd} vs {analytic}"
+            );
+            // A small step against the gradient lowers the energy.
+            let step = 1e-2 / gnorm as f32;
+            let lower = tensor(zv.iter().zip(&g).map(|(a, gi)| a - step * gi).collect(), &z);
+            let e1 = at(&lower);
+            let e1 = if term == "edit" {
+                e1.e_edit
+            } else {
+                e1.e_content
+            };
+            assert!(
+                e1 < e0,
+                "{name} E_{term}: {e1} after a descent step from {e0}"
+            );
+        }
+    }
+}
+
+/// §12.4: with the generated latent equal to the reference and no displacement, every
+/// similarity is 1, so E_edit = λ·w_e/5 (drag, face) and the content energy is λ·w_c/5.
+#[test]
+fn zero_displacement_gives_the_perfect_similarity_energies() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let json = r#"{"mode": "drag", "mask": "mask.png", "resolution": 128,
+                   "points": [{"handle": [52, 64], "target": [52, 64]},
+                              {"handle": [100, 40], "target": [100, 40]}]}"#;
+    let e = edit(json, "drag", photo("drag", "image.png"), None);
+    let p = plan(&e);
+    let z: Tensor<4> = npy("drag", "inversion_latents.npy")
+        .index(40)
+        .tensor(&device);
+    let cond: Tensor<3> = npy("drag", "text_embeddings.npy")
+        .tensor::<3>(&device)
+        .narrow(0, 1, 1);
+    let g = guidance::evaluate(&sd.unet, &p, &z, &z, 781.0, &cond).expect("finite");
+    let lambda = 2000.0;
+    assert_close("E_edit", &[g.e_edit], &[lambda * 4.0 / 5.0], 1e-5);
+    assert_close("E_content", &[g.e_content], &[lambda * 6.0 / 5.0], 1e-5);
+}
+
+fn run(editor: &Editor, e: &Edit) -> Result<dragonedit::edit::EditOutput, Error> {
+    editor.run(e, None, &mut |_| true)
+}
+
+fn assert_finite_image(what: &str, out: &dragonedit::edit::EditOutput, size: (u32, u32)) {
+    let v = values(out.final_latent.clone());
+    assert!(v.iter().all(|x| x.is_finite()), "{what}: non-finite latent");
+    assert_eq!(out.image.dimensions(), size, "{what}: output size");
+}
+
+/// §14: the cases where the official release produces NaN or fails give a finite image here.
+#[test]
+fn edge_cases_give_finite_images() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let cases = [
+        // The enlarged object covers its old place: empty vacated region (NaN officially).
+        (
+            "move",
+            r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [50, 64], "scale": 1.5,
+                "steps": 8, "resolution": 128}"#,
+        ),
+        // Zero displacement: empty vacated region too.
+        (
+            "move",
+            r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [40, 64],
+                "steps": 8, "resolution": 128}"#,
+        ),
+        // Arrow pushing most of the object past the border (wraps around officially).
+        (
+            "move",
+            r#"{"mode": "move", "mask": "mask.png", "from": [20, 64], "to": [0, 64],
+                "steps": 8, "resolution": 128}"#,
+        ),
+        // Handle on its target (empty leave-the-handle set: NaN officially) and points in
+        // the corners (an invalid latent slice officially).
+        (
+            "drag",
+            r#"{"mode": "drag", "mask": "mask.png", "steps": 8, "resolution": 128,
+                "points": [{"handle": [52, 64], "target": [52, 64]},
+                           {"handle": [0, 0], "target": [127, 127]}]}"#,
+        ),
+        // An editable region covering the whole photo: no content region at all.
+        (
+            "face_landmark",
+            r#"{"mode": "face_landmarks", "steps": 8, "resolution": 128,
+                "points": [{"handle": [0, 0], "target": [127, 0]}]}"#,
+        ),
+        // Pasting half outside the photo.
+        (
+            "paste",
+            r#"{"mode": "paste", "reference_mask": "mask.png", "offset": [-90, 0],
+                "steps": 8, "resolution": 128}"#,
+        ),
+        // A reference object scaled down.
+        (
+            "paste",
+            r#"{"mode": "paste", "reference_mask": "mask.png", "offset": [10, 10], "scale": 0.5,
+                "steps": 8, "resolution": 128}"#,
+        ),
+    ];
+    for (case, json) in cases {
+        let spec = EditSpec::from_json(json).expect("spec");
+        let e = edit(
+            json,
+            case,
+            photo(case, "image.png"),
+            reference_of(case, &spec),
+        );
+        let out = run(&editor, &e).unwrap_or_else(|err| panic!("{json}: {err}"));
+        assert_finite_image(json, &out, (128, 128));
+    }
+    // Moving the object entirely out of the photo is refused with a message.
+    let json = r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [127, 64],
+                   "scale": 0.2, "resolution": 128}"#;
+    let e = edit(json, "move", photo("move", "image.png"), None);
+    match EditPlan::new(&e, (128, 128), Fidelity::default()) {
+        Err(err) => assert!(err.to_string().contains("outside the image"), "{err}"),
+        Ok(_) => {
+            // Scaled to 0.2 about the centre the object may still land inside; then it must
+            // run finitely.
+            let out = run(&editor, &e).expect("runs");
+            assert_finite_image(json, &out, (128, 128));
+        }
+    }
+}
+
+/// Every mode on a non-square photo: 192x128 worked at the same size (latent 24x16).
+#[test]
+fn non_square_photos_edit_in_every_mode() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let widen = |img: &RgbImage| {
+        RgbImage::from_fn(192, 128, |x, y| {
+            if x < 128 {
+                *img.get_pixel(x, y)
+            } else {
+                Rgb([90, 120, 150])
+            }
+        })
+    };
+    let dir = std::env::temp_dir().join(format!("dragonedit-nonsquare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (name, case, json) in mode_specs() {
+        let json = json.replace("\"resolution\": 128", "\"resolution\": 157, \"steps\": 6");
+        let spec = EditSpec::from_json(&json).expect("spec");
+        let image = widen(&photo(case, "image.png"));
+        let reference = reference_of(case, &spec).map(|r| widen(&r));
+        let e = spec
+            .resolve(image, reference, &mut |file| {
+                let m = dragonedit::image::decode(&read(case, file))?;
+                Ok(dragonedit::image::encode_png(&RgbImage::from_fn(
+                    192,
+                    128,
+                    |x, y| {
+                        if x < 128 {
+                            *m.get_pixel(x, y)
+                        } else {
+                            Rgb([0, 0, 0])
+                        }
+                    },
+                ))?)
+            })
+            .expect("resolves");
+        let out = run(&editor, &e).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(out.final_latent.dims(), [1, 4, 16, 24], "{name}");
+        assert_finite_image(name, &out, (192, 128));
+        out.image
+            .save(dir.join(format!("{name}.png")))
+            .expect("save");
+    }
+}
+
+/// Storing the memory bank during inversion and recomputing it per step give the same edit.
+#[test]
+fn stored_and_recomputed_memory_banks_agree() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    for (name, case, json) in mode_specs() {
+        if !["move", "appearance"].contains(&name) {
+            continue;
+        }
+        let json = json.replace("\"resolution\": 128", "\"resolution\": 128, \"steps\": 10");
+        let spec = EditSpec::from_json(&json).expect("spec");
+        let e = edit(
+            &json,
+            case,
+            photo(case, "image.png"),
+            reference_of(case, &spec),
+        );
+        let mut latents = Vec::new();
+        for bank in [BankPolicy::Store, BankPolicy::Recompute] {
+            let editor = Editor::new(
+                &sd,
+                EngineOptions {
+                    bank,
+                    fidelity: Fidelity::default(),
+                },
+            );
+            let mut trace = dragonedit::edit::Trace::default();
+            let out = editor
+                .run(&e, Some(&mut trace), &mut |_| true)
+                .expect("runs");
+            println!("{name}: {bank:?} holds {} bank bytes", trace.bank_bytes);
+            latents.push(values(out.final_latent));
+        }
+        assert_close(
+            &format!("{name}: store vs recompute"),
+            &latents[0],
+            &latents[1],
+            1e-6,
+        );
+    }
+}
+
+/// Cancelling from the progress callback stops the edit at the next step with `Cancelled`,
+/// and progress runs through inversion then editing.
+#[test]
+fn cancelling_stops_promptly() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let (_, case, json) = mode_specs()[0];
+    let e = edit(json, case, photo(case, "image.png"), None);
+    let mut seen = Vec::new();
+    let result = editor.run(&e, None, &mut |p| {
+        seen.push(p);
+        !(p.phase == Phase::Editing && p.step == 3)
+    });
+    assert!(matches!(result, Err(Error::Cancelled)));
+    let last = seen.last().expect("progress reported");
+    assert_eq!((last.phase, last.step, last.total), (Phase::Editing, 3, 50));
+    assert!(
+        seen.iter()
+            .any(|p| p.phase == Phase::Inverting && p.step == 50)
+    );
+}
