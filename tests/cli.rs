@@ -130,3 +130,102 @@ fn bad_inputs_get_clear_messages() {
     ]);
     assert!(msg.contains("multiples of 8"), "{msg}");
 }
+
+/// `dragonedit edit` on the fixture's move case with `--reference-quirks`: the trace has the
+/// reference fixtures' layout, and its tensors match them (end to end from the photo, the
+/// same 1e-3 bound as the engine's end-to-end parity tests).
+#[test]
+fn edit_writes_the_result_and_a_trace_in_the_fixture_layout() {
+    let case = common::fixtures().join("move");
+    let spec = tmp("move-spec.json");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"{{"mode": "move", "mask": "{}", "from": [40, 64], "to": [72, 72],
+                "prompt": "a photo of a red ball on the table", "resolution": 128}}"#,
+            case.join("mask.png").display()
+        ),
+    )
+    .expect("spec");
+    let out = tmp("edited.png");
+    let trace = tmp("trace");
+    let status = dragonedit()
+        .args(["edit", "--cpu", "--model", &model(), "--reference-quirks"])
+        .arg("--image")
+        .arg(case.join("image.png"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .arg("--trace")
+        .arg(&trace)
+        .status()
+        .expect("runs");
+    assert!(status.success());
+    let img = dragonedit::image::decode(&std::fs::read(&out).expect("written")).expect("a PNG");
+    assert_eq!(img.dimensions(), (128, 128));
+    for name in [
+        "vae_latent.npy",
+        "inversion_latents.npy",
+        "step_latents.npy",
+        "eps_cfg.npy",
+        "guidance.npy",
+        "final_latent.npy",
+        "text_embeddings.npy",
+        "inversion_text_embeddings.npy",
+        "first_guided_step.npz",
+        "output.png",
+    ] {
+        assert!(trace.join(name).is_file(), "trace lacks {name}");
+    }
+    let read = |path: std::path::PathBuf| {
+        let bytes = std::fs::read(path).expect("npy");
+        let f = npyz::NpyFile::new(&bytes[..]).expect("npy");
+        let shape = f.shape().to_vec();
+        (shape, f.into_vec::<f32>().expect("f32"))
+    };
+    for name in ["step_latents.npy", "guidance.npy", "final_latent.npy"] {
+        let (shape, ours) = read(trace.join(name));
+        let expected = common::npy("move", name);
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        assert_eq!(shape, expected.shape, "{name}");
+        common::assert_close(name, &ours, &expected.values, 1e-3);
+    }
+}
+
+#[test]
+fn edit_explains_bad_specs() {
+    let case = common::fixtures().join("appearance");
+    let run = |spec_text: &str, extra: &[&str]| {
+        let spec = tmp("bad-spec.json");
+        std::fs::write(&spec, spec_text).expect("spec");
+        let out = dragonedit()
+            .args(["edit", "--cpu", "--model", &model(), "--out"])
+            .arg(tmp("never.png"))
+            .arg("--image")
+            .arg(case.join("image.png"))
+            .arg("--spec")
+            .arg(&spec)
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success());
+        assert!(!tmp("never.png").exists(), "nothing is written on failure");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    let mask = case.join("mask.png").display().to_string();
+    let msg = run(
+        &format!(r#"{{"mode": "appearance", "mask": "{mask}", "reference_mask": "{mask}"}}"#),
+        &[],
+    );
+    assert!(msg.contains("needs a reference image"), "{msg}");
+    let msg = run(
+        r#"{"mode": "drag", "mask": "no-such-mask.png", "points": [{"handle": [1, 1], "target": [2, 2]}]}"#,
+        &[],
+    );
+    assert!(msg.contains("no-such-mask.png"), "{msg}");
+    let msg = run("{ not json", &[]);
+    assert!(msg.contains("not valid JSON"), "{msg}");
+}

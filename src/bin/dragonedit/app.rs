@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{download, run};
 
@@ -44,6 +44,26 @@ pub struct PhotoArgs {
     /// Working resolution: the image is resized to an area of about R x R.
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
+}
+
+/// Memory-bank policy on the command line.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Bank {
+    Recompute,
+    Store,
+}
+
+/// The `edit` command's inputs.
+pub struct EditArgs {
+    pub image: PathBuf,
+    pub spec: PathBuf,
+    pub reference: Option<PathBuf>,
+    pub out: PathBuf,
+    pub trace: Option<PathBuf>,
+    pub resolution: Option<u32>,
+    pub steps: Option<usize>,
+    pub bank: Bank,
+    pub reference_quirks: bool,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +110,40 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Edit a photo as an edit spec (JSON) says: move, resize, appearance, paste, drag or
+    /// face_landmarks. See the README for one example per mode.
+    Edit {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The photo to edit.
+        #[arg(long)]
+        image: PathBuf,
+        /// The edit spec; mask paths in it are relative to its folder.
+        #[arg(long)]
+        spec: PathBuf,
+        /// The second image of appearance and paste (overrides the spec's "reference").
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// The edited photo (PNG), at the photo's own size.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write every intermediate tensor here, in the layout of the reference fixtures.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Override the spec's working resolution R.
+        #[arg(long)]
+        resolution: Option<u32>,
+        /// Override the spec's step count.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Memory bank: recompute each entry when needed, or store all from the inversion.
+        #[arg(long, value_enum, default_value_t = Bank::Recompute)]
+        bank: Bank,
+        /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
+        /// compare a trace with the reference implementation's.
+        #[arg(long)]
+        reference_quirks: bool,
+    },
     /// Download a model into the cache and print its folder.
     Fetch {
         /// Base URL of a diffusers folder.
@@ -128,6 +182,31 @@ pub fn main() -> Result<()> {
             guidance,
             out,
         } => run::reconstruct(&model, &photo, guidance, &out),
+        Command::Edit {
+            model,
+            image,
+            spec,
+            reference,
+            out,
+            trace,
+            resolution,
+            steps,
+            bank,
+            reference_quirks,
+        } => crate::edit::edit(
+            &model,
+            &EditArgs {
+                image,
+                spec,
+                reference,
+                out,
+                trace,
+                resolution,
+                steps,
+                bank,
+                reference_quirks,
+            },
+        ),
         Command::Fetch { url, cache_dir } => {
             let dir = download::fetch_model(&url, cache_dir.as_deref())?;
             println!("{}", dir.display());

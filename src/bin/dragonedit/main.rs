@@ -5,6 +5,8 @@ mod app;
 #[cfg(not(target_family = "wasm"))]
 mod download;
 #[cfg(not(target_family = "wasm"))]
+mod edit;
+#[cfg(not(target_family = "wasm"))]
 mod run;
 
 #[cfg(not(target_family = "wasm"))]

@@ -13,20 +13,20 @@ use crate::app::{ModelArgs, PhotoArgs};
 use crate::download;
 
 /// A terminal progress bar that follows the engine's reports, one bar per phase.
-struct Bar {
+pub struct Bar {
     bar: Option<ProgressBar>,
     phase: Option<Phase>,
 }
 
 impl Bar {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             bar: None,
             phase: None,
         }
     }
 
-    fn report(&mut self, p: Progress) -> bool {
+    pub fn report(&mut self, p: Progress) -> bool {
         if self.phase != Some(p.phase) {
             if let Some(bar) = self.bar.take() {
                 bar.finish();
@@ -73,7 +73,7 @@ fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
+pub fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
     let dir = model_dir(args)?;
     let device = open_device(args)?;
     let dtype = device::compute_dtype(&device, args.f16);
@@ -83,7 +83,7 @@ fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
     Ok(sd)
 }
 
-fn read_values<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>)> {
+pub fn read_values<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>)> {
     let data = t
         .try_into_data()
         .map_err(|e| anyhow::anyhow!("reading the result back from the device failed: {e:?}"))?;
@@ -168,7 +168,7 @@ pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Pat
     write_image(sd.decode(z0), out)
 }
 
-fn write_npy(path: &Path, shape: &[u64], values: &[f32]) -> Result<()> {
+pub fn write_npy(path: &Path, shape: &[u64], values: &[f32]) -> Result<()> {
     use npyz::WriterBuilder;
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
