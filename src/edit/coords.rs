@@ -80,6 +80,29 @@ impl Spaces {
         (c.0 / 2, c.1 / 2)
     }
 
+    /// A working-pixel displacement in guidance-grid cells as move mode shifts its masks:
+    /// `floor(d / 4)`, times the resize factor, truncated (ALGORITHM.md §7).
+    pub fn working_offset_to_grid_cells_scaled(&self, d: f64, scale: f64) -> i64 {
+        ((d / GRID_CELL as f64).floor() * scale).trunc() as i64
+    }
+
+    /// A working-pixel displacement in guidance-grid cells, truncated (paste's reference-cell
+    /// shift).
+    pub fn working_offset_to_grid_cells(&self, d: f64) -> i64 {
+        (d / GRID_CELL as f64).trunc() as i64
+    }
+
+    /// A working-pixel displacement in latent cells: truncated as the official code does
+    /// (`truncate`), or to the nearest cell.
+    pub fn working_offset_to_latent_cells(&self, d: f64, truncate: bool) -> i64 {
+        let cells = d / LATENT_CELL as f64;
+        if truncate {
+            cells.trunc() as i64
+        } else {
+            cells.round() as i64
+        }
+    }
+
     /// A user mask from input pixels to working pixels (OpenCV bilinear, then `> 0.5`).
     pub fn mask_input_to_working(&self, m: &Mask) -> Mask {
         m.bilinear_any(self.working.0, self.working.1)

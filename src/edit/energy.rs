@@ -126,18 +126,31 @@ fn same_position_mean(
     Some((apply(sim, cos) * weights(w, &device)).sum())
 }
 
+/// Grid cells compared one to one: `gen_cells[k]` (on `gen_canvas`) with `ref_cells[k]` (on
+/// `ref_canvas`).
+#[derive(Clone, Copy)]
+struct Pairing<'a> {
+    gen_cells: &'a [usize],
+    gen_canvas: (usize, usize),
+    ref_cells: &'a [usize],
+    ref_canvas: (usize, usize),
+}
+
 /// Mean over cell pairs of the similarity of `generated` at one cell with `reference` at its
 /// partner. Pairs falling on the same two feature cells are merged with a weight.
 fn paired_mean(
     generated: &Tensor<2>,
     reference: &Tensor<2>,
-    gen_cells: &[usize],
-    gen_canvas: (usize, usize),
-    ref_cells: &[usize],
-    ref_canvas: (usize, usize),
+    pairs: Pairing,
     size: (usize, usize),
     sim: Sim,
 ) -> Option<Tensor<1>> {
+    let Pairing {
+        gen_cells,
+        gen_canvas,
+        ref_cells,
+        ref_canvas,
+    } = pairs;
     if gen_cells.is_empty() {
         return None;
     }
@@ -210,16 +223,13 @@ pub fn energies(plan: &EditPlan, edit_levels: &[Level], content_levels: &[Level]
                     reference,
                     canvas,
                 } = pairs;
-                let m = paired_mean(
-                    &le.generated,
-                    &le.reference,
-                    generated,
-                    grid,
-                    reference,
-                    *canvas,
-                    le.size,
-                    Sim::Cos,
-                );
+                let pairing = Pairing {
+                    gen_cells: generated,
+                    gen_canvas: grid,
+                    ref_cells: reference,
+                    ref_canvas: *canvas,
+                };
+                let m = paired_mean(&le.generated, &le.reference, pairing, le.size, Sim::Cos);
                 edit = add(edit, m.map(|m| inverse(0.5 * s.w_edit, m)));
                 let (g, r) = (&lc.generated, &lc.reference);
                 let consistency = same_position_mean(r, g, other, lc.size, Sim::Cos)
@@ -246,16 +256,14 @@ pub fn energies(plan: &EditPlan, edit_levels: &[Level], content_levels: &[Level]
             let per = 1.0 / (edit_levels.len() * patches.len()) as f64;
             for (le, lc) in edit_levels.iter().zip(content_levels) {
                 for p in patches {
-                    let m = paired_mean(
-                        &le.generated,
-                        &le.reference,
-                        &p.target,
-                        grid,
-                        &p.handle,
-                        grid,
-                        le.size,
-                        Sim::Shifted,
-                    );
+                    let pairing = Pairing {
+                        gen_cells: &p.target,
+                        gen_canvas: grid,
+                        ref_cells: &p.handle,
+                        ref_canvas: grid,
+                    };
+                    let m =
+                        paired_mean(&le.generated, &le.reference, pairing, le.size, Sim::Shifted);
                     edit = add(edit, m.map(|m| inverse(per * s.w_edit, m)));
                     if *leave_handle {
                         let cells = Mask::from_cells(&p.handle_only, grid);
@@ -315,13 +323,16 @@ pub fn energies(plan: &EditPlan, edit_levels: &[Level], content_levels: &[Level]
                 );
                 content = add(content, m.map(|m| inverse(s.w_content, m)));
                 let replace_features = le.replace.as_ref().unwrap_or(&le.reference);
+                let pairing = Pairing {
+                    gen_cells: &pairs.generated,
+                    gen_canvas: grid,
+                    ref_cells: &pairs.reference,
+                    ref_canvas: pairs.canvas,
+                };
                 let m = paired_mean(
                     &le.generated,
                     replace_features,
-                    &pairs.generated,
-                    grid,
-                    &pairs.reference,
-                    pairs.canvas,
+                    pairing,
                     le.size,
                     Sim::Shifted,
                 );

@@ -5,7 +5,7 @@
 
 use std::ops::RangeInclusive;
 
-use super::coords::{Cell, GRID_CELL, LATENT_CELL, Point, Spaces};
+use super::coords::{Cell, Point, Spaces};
 use super::mask::{Mask, Placement};
 use super::spec::{Edit, Mode, ModeKind, Strengths};
 use crate::error::{Error, Result};
@@ -137,17 +137,6 @@ fn trunc(v: f64) -> i64 {
     v.trunc() as i64
 }
 
-/// Latent shift for a working-pixel displacement: the official code truncates `d / 8`; the fixed
-/// engine rounds to the nearest cell.
-fn latent_shift(d: f64, fidelity: Fidelity) -> i64 {
-    let cells = d / LATENT_CELL as f64;
-    if fidelity.reference_quirks {
-        trunc(cells)
-    } else {
-        cells.round() as i64
-    }
-}
-
 /// Pairs source cells (row-major on a `canvas`) with their destinations on the `(gh, gw)`
 /// grid. Without quirks the k-th source goes with its own destination; the official code
 /// pairs the k-th set cells of the two masks in row-major order, which differs only when a
@@ -256,7 +245,7 @@ impl EditPlan {
                 let d = spaces.input_offset_to_working(*arrow);
                 let r = *scale;
                 let original = spaces.mask_working_to_grid(&object);
-                let shift = |v: f64| trunc((v / GRID_CELL as f64).floor() * r);
+                let shift = |v: f64| spaces.working_offset_to_grid_cells_scaled(v, r);
                 let rows = Placement::new(gh, r, shift(d.y), wrap);
                 let cols = Placement::new(gw, r, shift(d.x), wrap);
                 let scaled = object.nearest(rows.scaled, cols.scaled);
@@ -277,8 +266,9 @@ impl EditPlan {
                 plan.composite = Some(spaces.mask_grid_to_latent(&current));
                 plan.kappa = 0.08;
                 let latent_object = spaces.mask_working_to_latent(&object);
-                let lrows = Placement::new(lh, r, latent_shift(d.y * r, fidelity), wrap);
-                let lcols = Placement::new(lw, r, latent_shift(d.x * r, fidelity), wrap);
+                let latent = |v: f64| spaces.working_offset_to_latent_cells(v * r, wrap);
+                let lrows = Placement::new(lh, r, latent(d.y), wrap);
+                let lcols = Placement::new(lw, r, latent(d.x), wrap);
                 plan.latent_edit = LatentEdit::Move {
                     mask: latent_object.placed(&lrows, &lcols),
                     rows: lrows,
@@ -381,8 +371,9 @@ impl EditPlan {
                 );
                 let base = spaces.mask_working_to_grid(&base_px);
                 // Reference cells: the base cells shifted back by the offset in grid cells.
-                let back_rows = Placement::new(gh, 1.0, -trunc(d.y / GRID_CELL as f64), wrap);
-                let back_cols = Placement::new(gw, 1.0, -trunc(d.x / GRID_CELL as f64), wrap);
+                let cells = |v: f64| -spaces.working_offset_to_grid_cells(v);
+                let back_rows = Placement::new(gh, 1.0, cells(d.y), wrap);
+                let back_cols = Placement::new(gw, 1.0, cells(d.x), wrap);
                 let back = pair_cells(&base, &back_rows, &back_cols, gw, fidelity);
                 // pair_cells maps base → reference; the energy wants (generated = base cell,
                 // reference = its source).
@@ -402,8 +393,18 @@ impl EditPlan {
                 plan.token_masks = Some((base_px, in_reference));
                 plan.reference_scale = r;
                 plan.latent_edit = LatentEdit::Paste {
-                    rows: Placement::new(lh, 1.0, latent_shift(d.y, fidelity), wrap),
-                    cols: Placement::new(lw, 1.0, latent_shift(d.x, fidelity), wrap),
+                    rows: Placement::new(
+                        lh,
+                        1.0,
+                        spaces.working_offset_to_latent_cells(d.y, wrap),
+                        wrap,
+                    ),
+                    cols: Placement::new(
+                        lw,
+                        1.0,
+                        spaces.working_offset_to_latent_cells(d.x, wrap),
+                        wrap,
+                    ),
                     mask: spaces.mask_grid_to_latent(&base),
                 };
                 plan.energy = EnergyPlan::Paste {

@@ -371,7 +371,7 @@ impl EditSpec {
             ("w_contrast", strengths.w_contrast),
             ("w_inpaint", strengths.w_inpaint),
         ] {
-            if !v.is_finite() || v < 0.0 || v > 1e4 {
+            if !(0.0..=1e4).contains(&v) {
                 return Err(Error::Spec(format!(
                     "strengths.{name} must be a number from 0 to 10000, got {v}"
                 )));

@@ -18,7 +18,7 @@ extern crate image as image_crate;
 
 fn read_photo(path: &Path) -> Result<image_crate::RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(image::decode(&bytes).with_context(|| path.display().to_string())?)
+    image::decode(&bytes).with_context(|| path.display().to_string())
 }
 
 /// Writes `bytes` to `path` through a temporary file, so a failure never leaves half a file.
