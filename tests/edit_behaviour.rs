@@ -21,11 +21,18 @@ fn photo(case: &str, name: &str) -> RgbImage {
     dragonedit::image::decode(&read(case, name)).expect("decodes")
 }
 
-/// Resolves `json` against the files of fixture `case` (and `extra` named files).
+/// Resolves `json` against the files of fixture `case`; `full.png` is a 128x128 mask marking
+/// everything.
 fn edit(json: &str, case: &str, image: RgbImage, reference: Option<RgbImage>) -> Edit {
     EditSpec::from_json(json)
         .expect("spec")
-        .resolve(image, reference, &mut |name| Ok(read(case, name)))
+        .resolve(image, reference, &mut |name| {
+            Ok(if name == "full.png" {
+                dragonedit::image::encode_png(&RgbImage::from_pixel(128, 128, Rgb([255; 3])))?
+            } else {
+                read(case, name)
+            })
+        })
         .expect("resolves")
 }
 
@@ -241,6 +248,12 @@ fn edge_cases_give_finite_images() {
                            {"handle": [0, 0], "target": [127, 127]}]}"#,
         ),
         // An editable region covering the whole photo: no content region at all.
+        (
+            "drag",
+            r#"{"mode": "drag", "mask": "full.png", "steps": 8, "resolution": 128,
+                "points": [{"handle": [52, 64], "target": [70, 64]}]}"#,
+        ),
+        // A landmark in a corner dragged along the border.
         (
             "face_landmark",
             r#"{"mode": "face_landmarks", "steps": 8, "resolution": 128,
