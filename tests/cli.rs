@@ -229,3 +229,55 @@ fn edit_explains_bad_specs() {
     let msg = run("{ not json", &[]);
     assert!(msg.contains("not valid JSON"), "{msg}");
 }
+
+/// `dragonedit bench` prints one table row per workload with positive times (tiny random model
+/// on the CPU; the real measurements need a GPU).
+#[test]
+fn bench_prints_a_table_row_per_workload() {
+    let out = dragonedit()
+        .args([
+            "bench",
+            "--cpu",
+            "--tiny",
+            "--runs",
+            "1",
+            "--resolution",
+            "64",
+        ])
+        .args(["--steps", "3"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| workload"))
+        .collect();
+    let names = [
+        "UNet forward, batch 1",
+        "UNet forward, batch 2",
+        "guidance",
+        "DDIM inversion",
+        "whole edit: move",
+        "whole edit: drag",
+        "whole edit: face_landmarks",
+        "whole edit: appearance",
+        "whole edit: paste",
+    ];
+    assert_eq!(rows.len(), names.len(), "{stdout}");
+    for (row, name) in rows.iter().zip(names) {
+        assert!(row.contains(name), "{row} should be {name}");
+        let median: f64 = row
+            .split('|')
+            .nth(2)
+            .expect("median")
+            .trim()
+            .parse()
+            .expect("number");
+        assert!(median > 0.0, "{row}");
+    }
+}

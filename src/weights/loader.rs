@@ -15,6 +15,11 @@ pub trait TensorRead {
     fn keys(&self) -> Vec<String>;
     fn contains(&self, key: &str) -> bool;
     fn read(&mut self, key: &str) -> Result<HostTensor>;
+    /// Reads `key`, which the model expects with `shape` (a source that makes its tensors up,
+    /// such as random weights for benchmarks, needs to know it).
+    fn read_shaped(&mut self, key: &str, _shape: &[usize]) -> Result<HostTensor> {
+        self.read(key)
+    }
 }
 
 impl<S: ByteSource> TensorRead for SafetensorsReader<S> {
@@ -91,7 +96,7 @@ impl<'a> Loader<'a> {
     /// Reads `key` on the host, checking its shape.
     pub fn host(&mut self, key: &str, shape: &[usize]) -> Result<HostTensor> {
         let stored = self.resolve(key)?;
-        let t = self.reader.read(&stored)?;
+        let t = self.reader.read_shaped(&stored, shape)?;
         if t.shape != shape {
             return Err(self.error(WeightProblem::WrongShape {
                 key: stored,

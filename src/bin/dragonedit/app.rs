@@ -144,6 +144,32 @@ enum Command {
         #[arg(long)]
         reference_quirks: bool,
     },
+    /// Time the engine's workloads (UNet passes, one guidance evaluation, the inversion, a
+    /// whole edit per mode) and print a table with peak device memory.
+    Bench {
+        /// A model folder or URL; without it, SD 1.5-sized random weights (nothing downloaded).
+        #[arg(long)]
+        model: Option<String>,
+        /// Random weights in the tiny test model's configuration instead of SD 1.5's.
+        #[arg(long)]
+        tiny: bool,
+        #[arg(long)]
+        cpu: bool,
+        #[arg(long)]
+        f16: bool,
+        /// Timed runs per workload, after one warm-up run.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Square image size in pixels (a multiple of 64).
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Diffusion steps of the inversion and of each edit.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Only the UNet, guidance and inversion rows.
+        #[arg(long)]
+        skip_edits: bool,
+    },
     /// Download a model into the cache and print its folder.
     Fetch {
         /// Base URL of a diffusers folder.
@@ -207,6 +233,33 @@ pub fn main() -> Result<()> {
                 reference_quirks,
             },
         ),
+        Command::Bench {
+            model,
+            tiny,
+            cpu,
+            f16,
+            runs,
+            resolution,
+            steps,
+            skip_edits,
+        } => {
+            if resolution % 64 != 0 || resolution == 0 {
+                anyhow::bail!("--resolution must be a non-zero multiple of 64, got {resolution}");
+            }
+            if !(1..=1000).contains(&steps) {
+                anyhow::bail!("--steps must be between 1 and 1000, got {steps}");
+            }
+            crate::bench::bench(&crate::bench::BenchArgs {
+                model,
+                tiny,
+                cpu,
+                f16,
+                runs,
+                resolution,
+                steps,
+                skip_edits,
+            })
+        }
         Command::Fetch { url, cache_dir } => {
             let dir = download::fetch_model(&url, cache_dir.as_deref())?;
             println!("{}", dir.display());

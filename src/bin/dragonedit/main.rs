@@ -3,6 +3,8 @@
 #[cfg(not(target_family = "wasm"))]
 mod app;
 #[cfg(not(target_family = "wasm"))]
+mod bench;
+#[cfg(not(target_family = "wasm"))]
 mod download;
 #[cfg(not(target_family = "wasm"))]
 mod edit;

@@ -65,7 +65,7 @@ fn open_device(args: &ModelArgs) -> Result<Device> {
     Ok(device::gpu(device::GraphicsApi::Native)?)
 }
 
-fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
+pub fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
     if args.model.starts_with("http://") || args.model.starts_with("https://") {
         download::fetch_model(&args.model, args.cache_dir.as_deref())
     } else {

@@ -1,0 +1,311 @@
+//! `dragonedit bench`: times the engine's workloads on this machine's GPU (or the CPU) and
+//! prints a table: median and fastest wall time over several runs after a warm-up, and the
+//! device pool's peak and largest single buffer (burn's pool report; both are peaks since
+//! the program started, so each row includes the rows above it).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::tensor::{Device, Tensor};
+use dragonedit::edit::{EditSpec, Editor, EngineOptions, guidance};
+use dragonedit::model::folder::DirSource;
+use dragonedit::model::random::{RandomModel, RandomSource};
+use dragonedit::model::unet::NoHook;
+use dragonedit::{StableDiffusion, device};
+use image_crate::{Rgb, RgbImage};
+
+use crate::app::ModelArgs;
+use crate::run::Bar;
+
+extern crate image as image_crate;
+
+/// What `bench` measures and how.
+pub struct BenchArgs {
+    /// A model folder (or URL); random weights when absent.
+    pub model: Option<String>,
+    pub tiny: bool,
+    pub cpu: bool,
+    pub f16: bool,
+    pub runs: usize,
+    pub resolution: u32,
+    pub steps: usize,
+    pub skip_edits: bool,
+}
+
+struct Row {
+    name: String,
+    times_ms: Vec<f64>,
+    peak_mib: Option<f64>,
+    largest_mib: Option<f64>,
+}
+
+fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
+    let Some(report) = device.memory_pool_report() else {
+        return (None, None);
+    };
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let peak: u64 = report.iter().map(|p| p.pages_peak * p.page_size).sum();
+    let largest = report.iter().map(|p| p.largest_alloc).max().unwrap_or(0);
+    (Some(mib(peak)), Some(mib(largest)))
+}
+
+/// Runs `f` once to warm up (kernel compilation, autotune), then `runs` times, syncing the
+/// device after each.
+fn measure(
+    name: &str,
+    device: &Device,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Row> {
+    eprintln!("bench: {name} (warm-up + {runs} runs)");
+    f()?;
+    device
+        .sync()
+        .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+    let mut times_ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let (peak_mib, largest_mib) = pool(device);
+    Ok(Row {
+        name: name.to_string(),
+        times_ms,
+        peak_mib,
+        largest_mib,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// A synthetic photo: a gradient with a disk, and masks of the disk / a region.
+fn scene(size: u32, shift: u32) -> RgbImage {
+    let c = size as f32 / 2.0;
+    RgbImage::from_fn(size, size, |x, y| {
+        let d = ((x as f32 - c + shift as f32).powi(2) + (y as f32 - c).powi(2)).sqrt();
+        if d < size as f32 / 6.0 {
+            Rgb([200, 40, 40])
+        } else {
+            Rgb([(x * 255 / size) as u8, (y * 255 / size) as u8, 120])
+        }
+    })
+}
+
+fn disk_mask(size: u32) -> Result<Vec<u8>> {
+    let c = size as f32 / 2.0;
+    let m = RgbImage::from_fn(size, size, |x, y| {
+        let d = ((x as f32 - c).powi(2) + (y as f32 - c).powi(2)).sqrt();
+        Rgb([if d < size as f32 / 6.0 { 255 } else { 0 }; 3])
+    });
+    Ok(dragonedit::image::encode_png(&m)?)
+}
+
+/// The edit of each mode on the synthetic scene, at `size` pixels.
+fn edits(size: u32, steps: usize) -> Vec<(&'static str, String)> {
+    let s = size as f64;
+    let (c, d) = (s / 2.0, s / 8.0);
+    let common = format!("\"resolution\": {size}, \"steps\": {steps}");
+    vec![
+        (
+            "move",
+            format!(
+                r#"{{"mode": "move", "mask": "disk", "from": [{c}, {c}], "to": [{}, {c}], {common}}}"#,
+                c + d
+            ),
+        ),
+        (
+            "drag",
+            format!(
+                r#"{{"mode": "drag", "mask": "disk", {common},
+                     "points": [{{"handle": [{c}, {c}], "target": [{}, {}]}}]}}"#,
+                c + d / 2.0,
+                c - d / 2.0
+            ),
+        ),
+        (
+            "face_landmarks",
+            format!(
+                r#"{{"mode": "face_landmarks", {common},
+                     "points": [{{"handle": [{c}, {c}], "target": [{}, {c}]}},
+                                {{"handle": [{d}, {d}], "target": [{d}, {}]}}]}}"#,
+                c + d / 4.0,
+                d * 1.5
+            ),
+        ),
+        (
+            "appearance",
+            format!(
+                r#"{{"mode": "appearance", "mask": "disk", "reference_mask": "disk", {common}}}"#
+            ),
+        ),
+        (
+            "paste",
+            format!(
+                r#"{{"mode": "paste", "reference_mask": "disk", "offset": [{}, 0], {common}}}"#,
+                -d
+            ),
+        ),
+    ]
+}
+
+fn load_model(
+    args: &BenchArgs,
+    device: &Device,
+    bar: &mut Bar,
+) -> Result<(StableDiffusion, String)> {
+    let dtype = device::compute_dtype(device, args.f16);
+    match &args.model {
+        Some(m) => {
+            let dir = crate::run::model_dir(&ModelArgs {
+                model: m.clone(),
+                cpu: args.cpu,
+                f16: args.f16,
+                cache_dir: None,
+            })?;
+            let mut source = DirSource::new(&dir)?;
+            let sd = StableDiffusion::load(&mut source, device, dtype, &mut |p| bar.report(p))
+                .with_context(|| format!("loading {}", dir.display()))?;
+            Ok((sd, dir.display().to_string()))
+        }
+        None => {
+            let (kind, name) = if args.tiny {
+                (RandomModel::Tiny, "tiny test configuration, random weights")
+            } else {
+                (RandomModel::Sd15, "SD 1.5 configuration, random weights")
+            };
+            let mut source = RandomSource::new(kind, 0);
+            let sd = StableDiffusion::load(&mut source, device, dtype, &mut |p| bar.report(p))?;
+            Ok((sd, name.to_string()))
+        }
+    }
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let device = if args.cpu {
+        device::cpu()
+    } else {
+        device::gpu(device::GraphicsApi::Native)?
+    };
+    let mut bar = Bar::new();
+    let (sd, model_name) = load_model(args, &device, &mut bar)?;
+    drop(bar);
+    let dtype = device::compute_dtype(&device, args.f16);
+    let size = args.resolution;
+    let (lh, lw) = (size as usize / 8, size as usize / 8);
+    let runs = args.runs.max(1);
+    let context = sd.encode_prompts(&["", ""])?;
+    let cond = context.clone().narrow(0, 1, 1);
+    let z = sd.noise(1, (lh, lw));
+    let mut rows = Vec::new();
+
+    let read = |t: Tensor<4>| -> Result<()> {
+        t.sum()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(())
+    };
+    rows.push(measure(
+        &format!("UNet forward, batch 1, {lh}x{lw} latent"),
+        &device,
+        runs,
+        || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
+    )?);
+    rows.push(measure(
+        &format!("UNet forward, batch 2 (CFG), {lh}x{lw}"),
+        &device,
+        runs,
+        || {
+            let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
+            read(sd.unet.forward(pair, 981.0, &context, &mut NoHook))
+        },
+    )?);
+
+    let scenes = (scene(size, 0), scene(size, size / 5));
+    let mask = disk_mask(size)?;
+    let resolve = |json: &str| -> Result<dragonedit::edit::Edit> {
+        let spec = EditSpec::from_json(json)?;
+        let reference = spec.mode.kind().needs_reference().then(|| scenes.1.clone());
+        Ok(spec.resolve(scenes.0.clone(), reference, &mut |_| Ok(mask.clone()))?)
+    };
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let all = edits(size, args.steps);
+    let move_edit = resolve(&all[0].1)?;
+    let plan = editor.plan(&move_edit)?;
+    rows.push(measure(
+        "guidance: truncated UNet forward + backward (move)",
+        &device,
+        runs,
+        || {
+            let g = guidance::evaluate(&sd.unet, &plan, &z, &z, 981.0, &cond)?;
+            read(g.guidance)
+        },
+    )?);
+    let steps = args.steps;
+    rows.push(measure(
+        &format!("DDIM inversion, {steps} steps"),
+        &device,
+        runs,
+        || {
+            let latents = sd.invert(z.clone(), &cond, steps, &mut NoHook, &mut |_| true)?;
+            read(latents.last().cloned().context("no latents")?)
+        },
+    )?);
+    if !args.skip_edits {
+        for (mode, json) in &all {
+            let edit = resolve(json)?;
+            rows.push(measure(
+                &format!("whole edit: {mode} ({steps} steps, {size} px)"),
+                &device,
+                runs,
+                || {
+                    editor.run(&edit, None, &mut |_| true)?;
+                    Ok(())
+                },
+            )?);
+        }
+    }
+
+    println!(
+        "dragonedit bench: {} on {}, {:?}, model: {model_name}, {runs} runs after a warm-up",
+        if args.cpu { "CPU (flex)" } else { "GPU (wgpu)" },
+        device_name(&device),
+        dtype
+    );
+    println!();
+    println!("| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB |");
+    println!("|---|---|---|---|---|");
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
+    for r in &rows {
+        let fastest = r.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} |",
+            r.name,
+            median(&r.times_ms),
+            fastest,
+            fmt(r.peak_mib),
+            fmt(r.largest_mib)
+        );
+    }
+    Ok(())
+}
+
+fn device_name(device: &Device) -> String {
+    format!("{device:?}")
+}
