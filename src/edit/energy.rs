@@ -200,6 +200,19 @@ fn add(acc: Option<Tensor<1>>, term: Option<Tensor<1>>) -> Option<Tensor<1>> {
     }
 }
 
+/// The cross-image modes' content energy on one level: `w / (1 + 4·s)` of the generated and
+/// base features at the same positions over the base image's background.
+fn background_term(level: &Level, background: &Mask, w: f64) -> Option<Tensor<1>> {
+    same_position_mean(
+        &level.generated,
+        &level.reference,
+        background,
+        level.size,
+        Sim::Shifted,
+    )
+    .map(|m| inverse(w, m))
+}
+
 /// The editing and content energies of `plan` on `levels` (the generated features of the
 /// editing energy and of the content energy may come from different batch rows: `edit_levels`
 /// and `content_levels`).
@@ -293,14 +306,7 @@ pub fn energies(plan: &EditPlan, edit_levels: &[Level], content_levels: &[Level]
         EnergyPlan::Appearance { base, replace } => {
             let background = base.not();
             for (le, lc) in edit_levels.iter().zip(content_levels) {
-                let m = same_position_mean(
-                    &lc.generated,
-                    &lc.reference,
-                    &background,
-                    lc.size,
-                    Sim::Shifted,
-                );
-                content = add(content, m.map(|m| inverse(s.w_content, m)));
+                content = add(content, background_term(lc, &background, s.w_content));
                 let replace_features = le.replace.as_ref().unwrap_or(&le.reference);
                 if let (Some(a), Some(b)) = (
                     pooled(&le.generated, base, le.size),
@@ -314,14 +320,7 @@ pub fn energies(plan: &EditPlan, edit_levels: &[Level], content_levels: &[Level]
         EnergyPlan::Paste { base, edit: pairs } => {
             let background = base.not();
             for (le, lc) in edit_levels.iter().zip(content_levels) {
-                let m = same_position_mean(
-                    &lc.generated,
-                    &lc.reference,
-                    &background,
-                    lc.size,
-                    Sim::Shifted,
-                );
-                content = add(content, m.map(|m| inverse(s.w_content, m)));
+                content = add(content, background_term(lc, &background, s.w_content));
                 let replace_features = le.replace.as_ref().unwrap_or(&le.reference);
                 let pairing = Pairing {
                     gen_cells: &pairs.generated,

@@ -222,14 +222,7 @@ impl ClipConfig {
 mod tests {
     use super::*;
 
-    const SD15_UNET: &str = r#"{ "_class_name": "UNet2DConditionModel", "act_fn": "silu",
-      "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-      "center_input_sample": false, "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
-      "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-      "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-      "out_channels": 4, "sample_size": 64,
-      "up_block_types": ["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"] }"#;
+    use crate::model::random::SD15_UNET;
 
     #[test]
     fn reads_the_sd15_unet_config_with_defaults() {

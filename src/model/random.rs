@@ -71,7 +71,8 @@ pub enum RandomModel {
     Tiny,
 }
 
-const SD15_UNET: &str = r#"{"_class_name": "UNet2DConditionModel", "act_fn": "silu",
+/// SD 1.5's `unet/config.json`.
+pub const SD15_UNET: &str = r#"{"_class_name": "UNet2DConditionModel", "act_fn": "silu",
  "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
  "center_input_sample": false, "cross_attention_dim": 768,
  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
