@@ -2,7 +2,7 @@
 //! memory bank) → initial-latent edit → guided DDIM sampling → decoded image
 //! (ALGORITHM.md §9, the `'D'` path).
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use image::{RgbImage, imageops::FilterType};
 
 use super::bank::{BankEntry, BankInjection, BankPolicy, TokenMasks};
@@ -325,7 +325,7 @@ impl<'a> Editor<'a> {
             let a_t = schedule.alpha_bar(t);
             let a_prev = schedule.alpha_bar(t - stride);
             let eps_x0 = if plan.is_guided(i) {
-                let reference = if i == 0 && plan.patched_reference_latent {
+                let reference = if i == 0 && plan.step0_reference_is_initial_latent() {
                     z.clone()
                 } else {
                     inversion.latents[steps - i].clone()
@@ -379,9 +379,4 @@ impl<'a> Editor<'a> {
         }
         Ok(z)
     }
-}
-
-/// Shorthand for tests and tools: `[1, 4, h, w]`-shaped data on the model's device.
-pub fn latent_from(values: Vec<f32>, shape: [usize; 4], sd: &StableDiffusion) -> Tensor<4> {
-    Tensor::from_data(TensorData::new(values, shape), sd.device())
 }

@@ -128,9 +128,6 @@ pub struct EditPlan {
     pub token_masks: Option<(Mask, Mask)>,
     /// Paste: scale of the reference image about its centre before encoding.
     pub reference_scale: f64,
-    /// The drag quirk: the step-0 reference latent is the patched `z_T`.
-    pub patched_reference_latent: bool,
-    pub fidelity: Fidelity,
 }
 
 fn trunc(v: f64) -> i64 {
@@ -231,8 +228,6 @@ impl EditPlan {
             guided_steps: steps * 3 / 5,
             token_masks: None,
             reference_scale: 1.0,
-            patched_reference_latent: false,
-            fidelity,
         };
         match &edit.mode {
             Mode::Move {
@@ -317,7 +312,6 @@ impl EditPlan {
                             copies,
                             in_place: fidelity.reference_quirks,
                         };
-                        plan.patched_reference_latent = fidelity.reference_quirks;
                         plan.energy = EnergyPlan::Drag {
                             patches,
                             other: Some(spaces.mask_working_to_grid(&region).not()),
@@ -414,6 +408,12 @@ impl EditPlan {
             }
         }
         Ok(plan)
+    }
+
+    /// The drag quirk: the reference patches `z_T` in place on a view of the last inversion
+    /// latent, so the step-0 reference latent is the patched `z_T` itself.
+    pub fn step0_reference_is_initial_latent(&self) -> bool {
+        matches!(self.latent_edit, LatentEdit::Drag { in_place: true, .. })
     }
 
     pub fn is_guided(&self, step: usize) -> bool {

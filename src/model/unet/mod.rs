@@ -104,8 +104,8 @@ impl Unet {
     }
 
     /// Runs the UNet up to and including up block `last_up` and returns each up block's output
-    /// (`outputs[i]` is `up_blocks.i`); with `last_up` = the final block, the noise prediction
-    /// head runs too and its result is returned as the last element.
+    /// (`outputs[i]` is `up_blocks.i`); with `head` and `last_up` = the final block, the noise
+    /// prediction head runs too and its result is returned as the last element.
     fn run(
         &self,
         latent: Tensor<4>,
