@@ -21,19 +21,19 @@ fn photo(case: &str, name: &str) -> RgbImage {
     dragonedit::image::decode(&read(case, name)).expect("decodes")
 }
 
-/// Resolves `json` against the files of fixture `case`; `full.png` is a 128x128 mask marking
-/// everything.
-fn edit(json: &str, case: &str, image: RgbImage, reference: Option<RgbImage>) -> Edit {
-    EditSpec::from_json(json)
-        .expect("spec")
-        .resolve(image, reference, &mut |name| {
-            Ok(if name == "full.png" {
-                dragonedit::image::encode_png(&RgbImage::from_pixel(128, 128, Rgb([255; 3])))?
-            } else {
-                read(case, name)
-            })
+/// Resolves `json` against fixture `case`: its image.png, its reference.png when the mode
+/// needs one, and its mask files; `full.png` is a 128x128 mask marking everything.
+fn edit(json: &str, case: &str) -> Edit {
+    let spec = EditSpec::from_json(json).expect("spec");
+    let reference = reference_of(case, &spec);
+    spec.resolve(photo(case, "image.png"), reference, &mut |name| {
+        Ok(if name == "full.png" {
+            dragonedit::image::encode_png(&RgbImage::from_pixel(128, 128, Rgb([255; 3])))?
+        } else {
+            read(case, name)
         })
-        .expect("resolves")
+    })
+    .expect("resolves")
 }
 
 fn plan(e: &Edit) -> EditPlan {
@@ -104,13 +104,7 @@ fn energy_gradients_match_finite_differences() {
     let device = Device::flex();
     let sd = load_tiny(&device);
     for (name, case, json) in mode_specs() {
-        let spec = EditSpec::from_json(json).expect("spec");
-        let e = edit(
-            json,
-            case,
-            photo(case, "image.png"),
-            reference_of(case, &spec),
-        );
+        let e = edit(json, case);
         let p = plan(&e);
         // Step 2 of the reference run: the generated and reference latents differ (at step 0
         // drag's are equal and its content gradient vanishes).
@@ -190,7 +184,7 @@ fn zero_displacement_gives_the_perfect_similarity_energies() {
     let json = r#"{"mode": "drag", "mask": "mask.png", "resolution": 128,
                    "points": [{"handle": [52, 64], "target": [52, 64]},
                               {"handle": [100, 40], "target": [100, 40]}]}"#;
-    let e = edit(json, "drag", photo("drag", "image.png"), None);
+    let e = edit(json, "drag");
     let p = plan(&e);
     let z: Tensor<4> = npy("drag", "inversion_latents.npy")
         .index(40)
@@ -273,20 +267,14 @@ fn edge_cases_give_finite_images() {
         ),
     ];
     for (case, json) in cases {
-        let spec = EditSpec::from_json(json).expect("spec");
-        let e = edit(
-            json,
-            case,
-            photo(case, "image.png"),
-            reference_of(case, &spec),
-        );
+        let e = edit(json, case);
         let out = run(&editor, &e).unwrap_or_else(|err| panic!("{json}: {err}"));
         assert_finite_image(json, &out, (128, 128));
     }
     // Moving the object entirely out of the photo is refused with a message.
     let json = r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [127, 64],
                    "scale": 0.2, "resolution": 128}"#;
-    let e = edit(json, "move", photo("move", "image.png"), None);
+    let e = edit(json, "move");
     match EditPlan::new(&e, (128, 128), Fidelity::default()) {
         Err(err) => assert!(err.to_string().contains("outside the image"), "{err}"),
         Ok(_) => {
@@ -351,13 +339,7 @@ fn stored_and_recomputed_memory_banks_agree() {
             continue;
         }
         let json = json.replace("\"resolution\": 128", "\"resolution\": 128, \"steps\": 10");
-        let spec = EditSpec::from_json(&json).expect("spec");
-        let e = edit(
-            &json,
-            case,
-            photo(case, "image.png"),
-            reference_of(case, &spec),
-        );
+        let e = edit(&json, case);
         let mut latents = Vec::new();
         for bank in [BankPolicy::Store, BankPolicy::Recompute] {
             let editor = Editor::new(
@@ -391,7 +373,7 @@ fn cancelling_stops_promptly() {
     let sd = load_tiny(&device);
     let editor = Editor::new(&sd, EngineOptions::default());
     let (_, case, json) = mode_specs()[0];
-    let e = edit(json, case, photo(case, "image.png"), None);
+    let e = edit(json, case);
     let mut seen = Vec::new();
     let result = editor.run(&e, None, &mut |p| {
         seen.push(p);

@@ -54,15 +54,35 @@ pub enum Bank {
 }
 
 /// The `edit` command's inputs.
+#[derive(Args)]
 pub struct EditArgs {
+    /// The photo to edit.
+    #[arg(long)]
     pub image: PathBuf,
+    /// The edit spec; mask paths in it are relative to its folder.
+    #[arg(long)]
     pub spec: PathBuf,
+    /// The second image of appearance and paste (overrides the spec's "reference").
+    #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// The edited photo (PNG), at the photo's own size.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Write every intermediate tensor here, in the layout of the reference fixtures.
+    #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Override the spec's working resolution R.
+    #[arg(long)]
     pub resolution: Option<u32>,
+    /// Override the spec's step count.
+    #[arg(long)]
     pub steps: Option<usize>,
+    /// Memory bank: recompute each entry when needed, or store all from the inversion.
+    #[arg(long, value_enum, default_value_t = Bank::Recompute)]
     pub bank: Bank,
+    /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
+    /// compare a trace with the reference implementation's.
+    #[arg(long)]
     pub reference_quirks: bool,
 }
 
@@ -115,61 +135,12 @@ enum Command {
     Edit {
         #[command(flatten)]
         model: ModelArgs,
-        /// The photo to edit.
-        #[arg(long)]
-        image: PathBuf,
-        /// The edit spec; mask paths in it are relative to its folder.
-        #[arg(long)]
-        spec: PathBuf,
-        /// The second image of appearance and paste (overrides the spec's "reference").
-        #[arg(long)]
-        reference: Option<PathBuf>,
-        /// The edited photo (PNG), at the photo's own size.
-        #[arg(long)]
-        out: PathBuf,
-        /// Write every intermediate tensor here, in the layout of the reference fixtures.
-        #[arg(long)]
-        trace: Option<PathBuf>,
-        /// Override the spec's working resolution R.
-        #[arg(long)]
-        resolution: Option<u32>,
-        /// Override the spec's step count.
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Memory bank: recompute each entry when needed, or store all from the inversion.
-        #[arg(long, value_enum, default_value_t = Bank::Recompute)]
-        bank: Bank,
-        /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
-        /// compare a trace with the reference implementation's.
-        #[arg(long)]
-        reference_quirks: bool,
+        #[command(flatten)]
+        edit: EditArgs,
     },
     /// Time the engine's workloads (UNet passes, one guidance evaluation, the inversion, a
     /// whole edit per mode) and print a table with peak device memory.
-    Bench {
-        /// A model folder or URL; without it, SD 1.5-sized random weights (nothing downloaded).
-        #[arg(long)]
-        model: Option<String>,
-        /// Random weights in the tiny test model's configuration instead of SD 1.5's.
-        #[arg(long)]
-        tiny: bool,
-        #[arg(long)]
-        cpu: bool,
-        #[arg(long)]
-        f16: bool,
-        /// Timed runs per workload, after one warm-up run.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Square image size in pixels (a multiple of 64).
-        #[arg(long, default_value_t = 512)]
-        resolution: u32,
-        /// Diffusion steps of the inversion and of each edit.
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// Only the UNet, guidance and inversion rows.
-        #[arg(long)]
-        skip_edits: bool,
-    },
+    Bench(crate::bench::BenchArgs),
     /// Download a model into the cache and print its folder.
     Fetch {
         /// Base URL of a diffusers folder.
@@ -208,58 +179,8 @@ pub fn main() -> Result<()> {
             guidance,
             out,
         } => run::reconstruct(&model, &photo, guidance, &out),
-        Command::Edit {
-            model,
-            image,
-            spec,
-            reference,
-            out,
-            trace,
-            resolution,
-            steps,
-            bank,
-            reference_quirks,
-        } => crate::edit::edit(
-            &model,
-            &EditArgs {
-                image,
-                spec,
-                reference,
-                out,
-                trace,
-                resolution,
-                steps,
-                bank,
-                reference_quirks,
-            },
-        ),
-        Command::Bench {
-            model,
-            tiny,
-            cpu,
-            f16,
-            runs,
-            resolution,
-            steps,
-            skip_edits,
-        } => {
-            if resolution % 64 != 0 || resolution == 0 {
-                anyhow::bail!("--resolution must be a non-zero multiple of 64, got {resolution}");
-            }
-            if !(1..=1000).contains(&steps) {
-                anyhow::bail!("--steps must be between 1 and 1000, got {steps}");
-            }
-            crate::bench::bench(&crate::bench::BenchArgs {
-                model,
-                tiny,
-                cpu,
-                f16,
-                runs,
-                resolution,
-                steps,
-                skip_edits,
-            })
-        }
+        Command::Edit { model, edit } => crate::edit::edit(&model, &edit),
+        Command::Bench(args) => crate::bench::bench(&args),
         Command::Fetch { url, cache_dir } => {
             let dir = download::fetch_model(&url, cache_dir.as_deref())?;
             println!("{}", dir.display());

@@ -5,30 +5,40 @@
 
 use std::time::Instant;
 
+use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
 use dragonedit::edit::{EditSpec, Editor, EngineOptions, guidance};
-use dragonedit::model::folder::DirSource;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device};
-use image_crate::{Rgb, RgbImage};
 
-use crate::app::ModelArgs;
-use crate::run::Bar;
-
-extern crate image as image_crate;
+use crate::run::{Bar, load_dir, load_source, open_device};
 
 /// What `bench` measures and how.
+#[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A model folder (or URL); random weights when absent.
+    /// A model folder or URL; without it, SD 1.5-sized random weights (nothing downloaded).
+    #[arg(long)]
     pub model: Option<String>,
+    /// Random weights in the tiny test model's configuration instead of SD 1.5's.
+    #[arg(long)]
     pub tiny: bool,
+    #[arg(long)]
     pub cpu: bool,
+    #[arg(long)]
     pub f16: bool,
+    /// Timed runs per workload, after one warm-up run.
+    #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Square image size in pixels (a multiple of 64).
+    #[arg(long, default_value_t = 512)]
     pub resolution: u32,
+    /// Diffusion steps of the inversion and of each edit.
+    #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// Only the UNet, guidance and inversion rows.
+    #[arg(long)]
     pub skip_edits: bool,
 }
 
@@ -168,20 +178,8 @@ fn load_model(
     device: &Device,
     bar: &mut Bar,
 ) -> Result<(StableDiffusion, String)> {
-    let dtype = device::compute_dtype(device, args.f16);
     match &args.model {
-        Some(m) => {
-            let dir = crate::run::model_dir(&ModelArgs {
-                model: m.clone(),
-                cpu: args.cpu,
-                f16: args.f16,
-                cache_dir: None,
-            })?;
-            let mut source = DirSource::new(&dir)?;
-            let sd = StableDiffusion::load(&mut source, device, dtype, &mut |p| bar.report(p))
-                .with_context(|| format!("loading {}", dir.display()))?;
-            Ok((sd, dir.display().to_string()))
-        }
+        Some(m) => Ok((load_dir(m, None, device, args.f16, bar)?, m.clone())),
         None => {
             let (kind, name) = if args.tiny {
                 (RandomModel::Tiny, "tiny test configuration, random weights")
@@ -189,18 +187,25 @@ fn load_model(
                 (RandomModel::Sd15, "SD 1.5 configuration, random weights")
             };
             let mut source = RandomSource::new(kind, 0);
-            let sd = StableDiffusion::load(&mut source, device, dtype, &mut |p| bar.report(p))?;
-            Ok((sd, name.to_string()))
+            Ok((
+                load_source(&mut source, device, args.f16, bar)?,
+                name.to_string(),
+            ))
         }
     }
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    let device = if args.cpu {
-        device::cpu()
-    } else {
-        device::gpu(device::GraphicsApi::Native)?
-    };
+    if !args.resolution.is_multiple_of(64) || args.resolution == 0 {
+        anyhow::bail!(
+            "--resolution must be a non-zero multiple of 64, got {}",
+            args.resolution
+        );
+    }
+    if !(1..=1000).contains(&args.steps) {
+        anyhow::bail!("--steps must be between 1 and 1000, got {}", args.steps);
+    }
+    let device = open_device(args.cpu)?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
     drop(bar);

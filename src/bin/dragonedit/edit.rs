@@ -4,22 +4,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use ::image::{RgbImage, imageops::FilterType};
 use anyhow::{Context, Result};
 use burn::tensor::Tensor;
 use dragonedit::edit::engine::Trace;
 use dragonedit::edit::{BankPolicy, EditSpec, Editor, EngineOptions, Fidelity};
 use dragonedit::image;
-use image_crate::imageops::FilterType;
 
 use crate::app::{Bank, EditArgs, ModelArgs};
-use crate::run::{Bar, load, read_values};
-
-extern crate image as image_crate;
-
-fn read_photo(path: &Path) -> Result<image_crate::RgbImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    image::decode(&bytes).with_context(|| path.display().to_string())
-}
+use crate::run::{Bar, load, npy_bytes, read_photo, read_values};
 
 /// Writes `bytes` to `path` through a temporary file, so a failure never leaves half a file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -77,7 +70,7 @@ pub fn edit(model: &ModelArgs, args: &EditArgs) -> Result<()> {
     let result = if out.image.dimensions() == (w0, h0) {
         out.image.clone()
     } else {
-        image_crate::imageops::resize(&out.image, w0, h0, FilterType::Lanczos3)
+        ::image::imageops::resize(&out.image, w0, h0, FilterType::Lanczos3)
     };
     write_atomic(&args.out, &image::encode_png(&result)?)?;
     println!("wrote {}", args.out.display());
@@ -86,23 +79,6 @@ pub fn edit(model: &ModelArgs, args: &EditArgs) -> Result<()> {
         println!("wrote the trace to {}", dir.display());
     }
     Ok(())
-}
-
-/// An `.npy` file's bytes.
-fn npy_bytes(shape: &[usize], values: &[f32]) -> Result<Vec<u8>> {
-    use npyz::WriterBuilder;
-    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    let mut buf = Vec::new();
-    {
-        let mut writer = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&shape)
-            .writer(&mut buf)
-            .begin_nd()?;
-        writer.extend(values.iter().copied())?;
-        writer.finish()?;
-    }
-    Ok(buf)
 }
 
 fn tensor_npy<const D: usize>(t: Tensor<D>) -> Result<Vec<u8>> {
@@ -117,7 +93,7 @@ fn stacked(ts: &[Tensor<4>]) -> Result<Vec<u8>> {
 fn write_trace(
     dir: &PathBuf,
     trace: &Trace,
-    output: &image_crate::RgbImage,
+    output: &RgbImage,
     final_latent: Tensor<4>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

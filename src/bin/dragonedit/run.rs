@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
-use dragonedit::model::folder::DirSource;
+use dragonedit::model::folder::{DirSource, ModelSource};
 use dragonedit::progress::{Phase, Progress};
 use dragonedit::{StableDiffusion, device, image};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,29 +58,58 @@ impl Drop for Bar {
     }
 }
 
-fn open_device(args: &ModelArgs) -> Result<Device> {
-    if args.cpu {
+pub fn open_device(cpu: bool) -> Result<Device> {
+    if cpu {
         return Ok(device::cpu());
     }
     Ok(device::gpu(device::GraphicsApi::Native)?)
 }
 
-pub fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
-    if args.model.starts_with("http://") || args.model.starts_with("https://") {
-        download::fetch_model(&args.model, args.cache_dir.as_deref())
+/// The local folder of `--model`: itself, or the cached download of a URL.
+pub fn model_dir(model: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
+    if model.starts_with("http://") || model.starts_with("https://") {
+        download::fetch_model(model, cache_dir)
     } else {
-        Ok(PathBuf::from(&args.model))
+        Ok(PathBuf::from(model))
     }
 }
 
-pub fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
-    let dir = model_dir(args)?;
-    let device = open_device(args)?;
-    let dtype = device::compute_dtype(&device, args.f16);
+/// Loads every part from `source` onto `device`, in f16 when asked and supported.
+pub fn load_source(
+    source: &mut dyn ModelSource,
+    device: &Device,
+    f16: bool,
+    bar: &mut Bar,
+) -> Result<StableDiffusion> {
+    let dtype = device::compute_dtype(device, f16);
+    Ok(StableDiffusion::load(source, device, dtype, &mut |p| {
+        bar.report(p)
+    })?)
+}
+
+/// Loads a model folder (or downloads it) onto the device of `--cpu`.
+pub fn load_dir(
+    model: &str,
+    cache_dir: Option<&Path>,
+    device: &Device,
+    f16: bool,
+    bar: &mut Bar,
+) -> Result<StableDiffusion> {
+    let dir = model_dir(model, cache_dir)?;
     let mut source = DirSource::new(&dir)?;
-    let sd = StableDiffusion::load(&mut source, &device, dtype, &mut |p| bar.report(p))
-        .with_context(|| format!("loading the model from {}", dir.display()))?;
-    Ok(sd)
+    load_source(&mut source, device, f16, bar)
+        .with_context(|| format!("loading the model from {}", dir.display()))
+}
+
+pub fn load(args: &ModelArgs, bar: &mut Bar) -> Result<StableDiffusion> {
+    let device = open_device(args.cpu)?;
+    load_dir(
+        &args.model,
+        args.cache_dir.as_deref(),
+        &device,
+        args.f16,
+        bar,
+    )
 }
 
 pub fn read_values<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -104,9 +133,14 @@ fn write_image(t: Tensor<4>, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read_image(sd: &StableDiffusion, path: &Path, resolution: u32) -> Result<Tensor<4>> {
+/// Reads and decodes a photo, naming the file in any error.
+pub fn read_photo(path: &Path) -> Result<::image::RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let img = image::decode(&bytes).with_context(|| path.display().to_string())?;
+    image::decode(&bytes).with_context(|| path.display().to_string())
+}
+
+fn read_image(sd: &StableDiffusion, path: &Path, resolution: u32) -> Result<Tensor<4>> {
+    let img = read_photo(path)?;
     let img = image::to_working_resolution(&img, resolution);
     Ok(image::tensor_from_image(&img, sd.device()))
 }
@@ -150,8 +184,8 @@ pub fn invert(args: &ModelArgs, photo: &PhotoArgs, out: &Path) -> Result<()> {
     let latents = inversion(&sd, photo, &mut bar)?;
     let stacked = Tensor::stack::<5>(latents, 0);
     let (shape, values) = read_values(stacked)?;
-    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    write_npy(out, &shape, &values)?;
+    std::fs::write(out, npy_bytes(&shape, &values)?)
+        .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {} latents to {}", shape[0], out.display());
     Ok(())
 }
@@ -168,16 +202,19 @@ pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Pat
     write_image(sd.decode(z0), out)
 }
 
-pub fn write_npy(path: &Path, shape: &[u64], values: &[f32]) -> Result<()> {
+/// An `.npy` file's bytes (little-endian f32).
+pub fn npy_bytes(shape: &[usize], values: &[f32]) -> Result<Vec<u8>> {
     use npyz::WriterBuilder;
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut writer = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()?;
-    writer.extend(values.iter().copied())?;
-    writer.finish()?;
-    Ok(())
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut buf = Vec::new();
+    {
+        let mut writer = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape)
+            .writer(&mut buf)
+            .begin_nd()?;
+        writer.extend(values.iter().copied())?;
+        writer.finish()?;
+    }
+    Ok(buf)
 }
