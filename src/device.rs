@@ -62,3 +62,14 @@ pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
         DType::F32
     }
 }
+
+/// Copies a tensor's values to the host as f32. Asynchronous because a WebGPU read-back can only
+/// be awaited (a blocking one panics on wasm, BURN.md §6).
+pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data_async()
+        .await
+        .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))?
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))
+}

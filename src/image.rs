@@ -95,6 +95,16 @@ pub fn image_from_values(values: &[f32], h: usize, w: usize) -> Result<RgbImage>
     Ok(img)
 }
 
+/// `img` resized to `w x h` (the edit result back at the photo's own size); unchanged when it
+/// already has that size.
+pub fn resized(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if img.dimensions() == (w, h) {
+        img.clone()
+    } else {
+        image::imageops::resize(img, w, h, FilterType::Lanczos3)
+    }
+}
+
 /// PNG bytes of an image.
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = std::io::Cursor::new(Vec::new());

@@ -41,7 +41,7 @@ impl StableDiffusion {
         source: &mut dyn ModelSource,
         device: &Device,
         dtype: DType,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Self> {
         let mut tick = |step| {
             cancelled_unless(progress(Progress {
@@ -129,13 +129,13 @@ impl StableDiffusion {
     }
 
     /// DDIM inversion of `z0` conditioned on `context` (ALGORITHM.md §2.1).
-    pub fn invert(
+    pub async fn invert(
         &self,
         z0: Tensor<4>,
         context: &Tensor<3>,
         steps: usize,
         hook: &mut dyn KvHook,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Tensor<4>>> {
         ddim::invert(
             &self.unet,
@@ -146,16 +146,17 @@ impl StableDiffusion {
             hook,
             progress,
         )
+        .await
     }
 
     /// DDIM sampling with classifier-free guidance from `z_t` (at the first timestep).
-    pub fn sample(
+    pub async fn sample(
         &self,
         z_t: Tensor<4>,
         prompt: &str,
         guidance_scale: f32,
         steps: usize,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Tensor<4>> {
         let context = self.encode_prompts(&["", prompt])?;
         ddim::sample(
@@ -167,6 +168,7 @@ impl StableDiffusion {
             steps,
             progress,
         )
+        .await
     }
 
     /// Gaussian noise `[1, 4, h, w]` drawn on the host from `seed`, so the same seed gives the
@@ -184,14 +186,14 @@ impl StableDiffusion {
 
     /// Text-to-image: noise from `seed`, `steps` of guided DDIM, decode. Returns `[1, 3, H, W]`
     /// in [0, 1].
-    pub fn generate(
+    pub async fn generate(
         &self,
         prompt: &str,
         seed: u64,
         size: (usize, usize),
         steps: usize,
         guidance_scale: f32,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Tensor<4>> {
         let f = self.vae.config().downscale();
         let (h, w) = size;
@@ -201,7 +203,9 @@ impl StableDiffusion {
             )));
         }
         let z = self.noise(seed, (h / f, w / f));
-        let z = self.sample(z, prompt, guidance_scale, steps, progress)?;
+        let z = self
+            .sample(z, prompt, guidance_scale, steps, progress)
+            .await?;
         cancelled_unless(progress(Progress {
             phase: Phase::Decoding,
             step: 0,

@@ -12,6 +12,7 @@ use dragonedit::edit::{
     BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, guidance,
 };
 use dragonedit::{Error, Phase};
+use pollster::block_on;
 
 fn read(case: &str, name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join(case).join(name)).expect("fixture file")
@@ -114,7 +115,9 @@ fn energy_gradients_match_finite_differences() {
             .tensor::<3>(&device)
             .narrow(0, 1, 1);
         let t = 941.0;
-        let at = |z: &Tensor<4>| guidance::evaluate(&sd.unet, &p, z, &z_ref, t, &cond).expect("ok");
+        let at = |z: &Tensor<4>| {
+            block_on(guidance::evaluate(&sd.unet, &p, z, &z_ref, t, &cond)).expect("ok")
+        };
         let g0 = at(&z);
         let zv = values(z.clone());
         let n = zv.len();
@@ -192,14 +195,14 @@ fn zero_displacement_gives_the_perfect_similarity_energies() {
     let cond: Tensor<3> = npy("drag", "text_embeddings.npy")
         .tensor::<3>(&device)
         .narrow(0, 1, 1);
-    let g = guidance::evaluate(&sd.unet, &p, &z, &z, 781.0, &cond).expect("finite");
+    let g = block_on(guidance::evaluate(&sd.unet, &p, &z, &z, 781.0, &cond)).expect("finite");
     let lambda = 2000.0;
     assert_close("E_edit", &[g.e_edit], &[lambda * 4.0 / 5.0], 1e-5);
     assert_close("E_content", &[g.e_content], &[lambda * 6.0 / 5.0], 1e-5);
 }
 
 fn run(editor: &Editor, e: &Edit) -> Result<dragonedit::edit::EditOutput, Error> {
-    editor.run(e, None, &mut |_| true)
+    block_on(editor.run(e, None, &mut |_| true))
 }
 
 fn assert_finite_image(what: &str, out: &dragonedit::edit::EditOutput, size: (u32, u32)) {
@@ -350,9 +353,7 @@ fn stored_and_recomputed_memory_banks_agree() {
                 },
             );
             let mut trace = dragonedit::edit::Trace::default();
-            let out = editor
-                .run(&e, Some(&mut trace), &mut |_| true)
-                .expect("runs");
+            let out = block_on(editor.run(&e, Some(&mut trace), &mut |_| true)).expect("runs");
             println!("{name}: {bank:?} holds {} bank bytes", trace.bank_bytes);
             latents.push(values(out.final_latent));
         }
@@ -375,10 +376,10 @@ fn cancelling_stops_promptly() {
     let (_, case, json) = mode_specs()[0];
     let e = edit(json, case);
     let mut seen = Vec::new();
-    let result = editor.run(&e, None, &mut |p| {
+    let result = block_on(editor.run(&e, None, &mut |p| {
         seen.push(p);
         !(p.phase == Phase::Editing && p.step == 3)
-    });
+    }));
     assert!(matches!(result, Err(Error::Cancelled)));
     let last = seen.last().expect("progress reported");
     assert_eq!((last.phase, last.step, last.total), (Phase::Editing, 3, 50));

@@ -25,6 +25,7 @@ use dragonedit::edit::initial::initial_latent;
 use dragonedit::edit::mask::Mask;
 use dragonedit::edit::{Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, guidance};
 use dragonedit::image;
+use pollster::block_on;
 use serde_json::{Value, json};
 
 const STAGE_TOL: f32 = 1e-4;
@@ -181,7 +182,7 @@ fn initial_latent_edits_match_the_reference() {
     for case in CASES {
         let plan = plan_of(case);
         let z_t: Tensor<4> = npy(case, "inversion_latents.npy").index(50).tensor(&device);
-        let ours = initial_latent(&plan.latent_edit, z_t);
+        let ours = block_on(initial_latent(&plan.latent_edit, z_t)).expect("initial latent");
         let expected = npy(case, "step_latents.npy").index(0);
         assert_close(
             &format!("{case}: z_T after the initial edit"),
@@ -223,7 +224,10 @@ fn first_guided_step(device: &Device, cases: &[&str], tol_e: f32, tol_g: f32) {
         let cond: Tensor<3> = npy(case, "text_embeddings.npy")
             .tensor::<3>(device)
             .narrow(0, 1, 1);
-        let g = guidance::evaluate(&sd.unet, &plan, &z, &z_ref, 981.0, &cond).expect("guidance");
+        let g = block_on(guidance::evaluate(
+            &sd.unet, &plan, &z, &z_ref, 981.0, &cond,
+        ))
+        .expect("guidance");
         let e_edit = npz(case, f, "E_edit").values[0];
         assert_close(&format!("{case}: E_edit"), &[g.e_edit], &[e_edit], tol_e);
         if case == "move_zero" {
@@ -321,7 +325,8 @@ fn later_guidance(device: &Device, tol: f32) {
             let z: Tensor<4> = steps.index(i).tensor(device);
             let z_ref: Tensor<4> = inv.index(50 - i).tensor(device);
             let t = (981 - 20 * i) as f32;
-            let g = guidance::evaluate(&sd.unet, &plan, &z, &z_ref, t, &cond).expect("guidance");
+            let g = block_on(guidance::evaluate(&sd.unet, &plan, &z, &z_ref, t, &cond))
+                .expect("guidance");
             assert_close(
                 &format!("{case}: guidance at step {i}"),
                 &values(g.guidance),
@@ -338,9 +343,7 @@ fn end_to_end(device: &Device, case: &str, tol: f32) {
     let editor = Editor::new(&sd, QUIRKS);
     let edit = edit_of(case);
     let mut trace = Trace::default();
-    let out = editor
-        .run(&edit, Some(&mut trace), &mut |_| true)
-        .expect("edit runs");
+    let out = block_on(editor.run(&edit, Some(&mut trace), &mut |_| true)).expect("edit runs");
     let inv = npy(case, "inversion_latents.npy");
     assert_close(
         &format!("{case}: last inversion latent"),

@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor};
 use common::*;
 use dragonedit::image;
 use dragonedit::model::unet::NoHook;
+use pollster::block_on;
 
 const CPU_TOL: f32 = 1e-4;
 const GPU_TOL: f32 = 1e-3;
@@ -141,9 +142,8 @@ fn inversion(device: &Device, tol: f32) {
         );
     }
     let z0: Tensor<4> = expected.index(0).tensor(device);
-    let chained = sd
-        .invert(z0, &context, 50, &mut NoHook, &mut |_| true)
-        .expect("inverts");
+    let chained =
+        block_on(sd.invert(z0, &context, 50, &mut NoHook, &mut |_| true)).expect("inverts");
     assert_eq!(chained.len(), 51);
     for (k, z) in chained.into_iter().enumerate().step_by(10) {
         assert_close(

@@ -4,9 +4,9 @@
 use burn::tensor::Tensor;
 
 use super::schedule::Schedule;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::unet::{KvHook, NoHook, Unet};
-use crate::progress::{Phase, Progress, ProgressFn};
+use crate::progress::{Phase, ProgressFn, report, step_done};
 
 /// One deterministic DDIM step from ᾱ = `a_t` to `a_prev`. The clean-image estimate uses
 /// `eps_x0` and the direction term `eps_dir`: they differ only when guidance is added to the
@@ -36,32 +36,24 @@ pub fn classifier_free(eps_pair: Tensor<4>, guidance_scale: f32) -> Tensor<4> {
     uncond.clone() + (cond - uncond) * guidance_scale
 }
 
-fn report(progress: &mut ProgressFn, phase: Phase, step: usize, total: usize) -> Result<()> {
-    if progress(Progress { phase, step, total }) {
-        Ok(())
-    } else {
-        Err(Error::Cancelled)
-    }
-}
-
 /// DDIM inversion conditioned on `context` only (no CFG): returns all `steps + 1` latents,
 /// `[z0, z at t=1, t=21, ..., t=981]`. `hook` sees the decoder self-attention K/V of each UNet
 /// call, in order (the memory bank records there).
-pub fn invert(
+pub async fn invert(
     unet: &Unet,
     schedule: &Schedule,
     z0: Tensor<4>,
     context: &Tensor<3>,
     steps: usize,
     hook: &mut dyn KvHook,
-    progress: &mut ProgressFn,
+    progress: &mut ProgressFn<'_>,
 ) -> Result<Vec<Tensor<4>>> {
     let stride = schedule.stride(steps) as i64;
     let mut latents = Vec::with_capacity(steps + 1);
     latents.push(z0.clone());
+    report(progress, Phase::Inverting, 0, steps)?;
     let mut z = z0;
     for (k, t) in schedule.timesteps(steps).into_iter().rev().enumerate() {
-        report(progress, Phase::Inverting, k, steps)?;
         let eps = unet.forward(z.clone(), t as f32, context, hook);
         z = invert_step(
             z,
@@ -70,26 +62,26 @@ pub fn invert(
             schedule.alpha_bar(t),
         );
         latents.push(z.clone());
+        step_done(progress, Phase::Inverting, k + 1, steps, &z).await?;
     }
-    report(progress, Phase::Inverting, steps, steps)?;
     Ok(latents)
 }
 
 /// Plain DDIM sampling with classifier-free guidance from `z_t` at the first timestep.
 /// `uncond_cond` is the `[2, 77, C]` context (unconditional first).
-pub fn sample(
+pub async fn sample(
     unet: &Unet,
     schedule: &Schedule,
     z_t: Tensor<4>,
     uncond_cond: &Tensor<3>,
     guidance_scale: f32,
     steps: usize,
-    progress: &mut ProgressFn,
+    progress: &mut ProgressFn<'_>,
 ) -> Result<Tensor<4>> {
     let stride = schedule.stride(steps) as i64;
     let mut z = z_t;
+    report(progress, Phase::Sampling, 0, steps)?;
     for (i, t) in schedule.timesteps(steps).into_iter().enumerate() {
-        report(progress, Phase::Sampling, i, steps)?;
         let eps = if guidance_scale == 1.0 {
             let cond = uncond_cond.clone().narrow(0, 1, 1);
             unet.forward(z.clone(), t as f32, &cond, &mut NoHook)
@@ -107,7 +99,7 @@ pub fn sample(
             schedule.alpha_bar(t),
             schedule.alpha_bar(t - stride),
         );
+        step_done(progress, Phase::Sampling, i + 1, steps, &z).await?;
     }
-    report(progress, Phase::Sampling, steps, steps)?;
     Ok(z)
 }

@@ -12,11 +12,12 @@ use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
 use super::spec::Edit;
 use crate::StableDiffusion;
+use crate::device::read_back;
 use crate::diffusion::ddim;
 use crate::error::{Error, Result};
 use crate::image as pixels;
 use crate::model::unet::{DecoderAttention, KvHook, NoHook};
-use crate::progress::{Phase, Progress, ProgressFn};
+use crate::progress::{Phase, ProgressFn, report, step_done};
 
 /// Engine settings that are not part of the edit itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -106,14 +107,6 @@ impl KvHook for BankRecorder {
     }
 }
 
-fn report(progress: &mut ProgressFn, phase: Phase, step: usize, total: usize) -> Result<()> {
-    if progress(Progress { phase, step, total }) {
-        Ok(())
-    } else {
-        Err(Error::Cancelled)
-    }
-}
-
 /// Runs edits with one loaded model.
 pub struct Editor<'a> {
     pub sd: &'a StableDiffusion,
@@ -159,11 +152,11 @@ impl<'a> Editor<'a> {
     }
 
     /// Encodes and inverts the photo (and reference image).
-    pub fn invert(
+    pub async fn invert(
         &self,
         edit: &Edit,
         plan: &EditPlan,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Inversion> {
         report(progress, Phase::EncodingPrompt, 0, 1)?;
         let prompts: Vec<&str> = if plan.inversion_batch() == 2 {
@@ -174,21 +167,23 @@ impl<'a> Editor<'a> {
         let context = self.sd.encode_prompts(&prompts)?;
         report(progress, Phase::EncodingImage, 0, 1)?;
         let z0 = self.sd.encode_image(self.images(edit, plan)?)?;
-        self.invert_latent(plan, z0, context, progress)
+        self.invert_latent(plan, z0, context, progress).await
     }
 
     /// DDIM inversion of VAE latents `z0` `[B, 4, h, w]` with `context` `[B, 77, C]`.
-    pub fn invert_latent(
+    pub async fn invert_latent(
         &self,
         plan: &EditPlan,
         z0: Tensor<4>,
         context: Tensor<3>,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Inversion> {
         let steps = plan.steps;
         let (latents, bank) = match self.options.bank {
             BankPolicy::Recompute => (
-                self.sd.invert(z0, &context, steps, &mut NoHook, progress)?,
+                self.sd
+                    .invert(z0, &context, steps, &mut NoHook, progress)
+                    .await?,
                 None,
             ),
             BankPolicy::Store => {
@@ -199,7 +194,8 @@ impl<'a> Editor<'a> {
                 };
                 let latents = self
                     .sd
-                    .invert(z0, &context, steps, &mut recorder, progress)?;
+                    .invert(z0, &context, steps, &mut recorder, progress)
+                    .await?;
                 (latents, Some(recorder.entries))
             }
         };
@@ -211,29 +207,27 @@ impl<'a> Editor<'a> {
     }
 
     /// The whole edit: inversion, sampling, decoding.
-    pub fn run(
+    pub async fn run(
         &self,
         edit: &Edit,
         mut trace: Option<&mut Trace>,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<EditOutput> {
         let plan = self.plan(edit)?;
-        let inversion = self.invert(edit, &plan, progress)?;
+        let inversion = self.invert(edit, &plan, progress).await?;
         let context = self.sd.encode_prompts(&["", &edit.prompt])?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.inversion_latents = inversion.latents.clone();
             tr.text_embeddings = Some(context.clone());
             tr.inversion_text_embeddings = Some(inversion.context.clone());
         }
-        let z = self.sample(&plan, &inversion, &context, trace, progress)?;
+        let z = self
+            .sample(&plan, &inversion, &context, trace, progress)
+            .await?;
         report(progress, Phase::Decoding, 0, 1)?;
         let image = self.sd.decode(z.clone());
         let [_, _, h, w] = image.dims();
-        let values = image
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Device(format!("cannot read the image back: {e:?}")))?;
+        let values = read_back(image).await?;
         let image = pixels::image_from_values(&values, h, w)?;
         Ok(EditOutput {
             image,
@@ -283,13 +277,13 @@ impl<'a> Editor<'a> {
 
     /// Guided DDIM sampling from the inversion (ALGORITHM.md §5.5, §9). `context` is the CFG
     /// context `[2, 77, C]` (unconditional first).
-    pub fn sample(
+    pub async fn sample(
         &self,
         plan: &EditPlan,
         inversion: &Inversion,
         context: &Tensor<3>,
         mut trace: Option<&mut Trace>,
-        progress: &mut ProgressFn,
+        progress: &mut ProgressFn<'_>,
     ) -> Result<Tensor<4>> {
         let steps = plan.steps;
         let schedule = &self.sd.schedule;
@@ -297,7 +291,7 @@ impl<'a> Editor<'a> {
         let timesteps = schedule.timesteps(steps);
         let cond = context.clone().narrow(0, 1, 1);
         let z_t = inversion.latents[steps].clone();
-        let mut z = initial_latent(&plan.latent_edit, z_t);
+        let mut z = initial_latent(&plan.latent_edit, z_t).await?;
         let mut tokens = plan
             .token_masks
             .as_ref()
@@ -314,8 +308,8 @@ impl<'a> Editor<'a> {
             tr.bank_bytes = stored_bytes;
         }
         let g = plan.strengths.guidance_scale as f32;
+        report(progress, Phase::Editing, 0, steps)?;
         for (i, &t) in timesteps.iter().enumerate() {
-            report(progress, Phase::Editing, i, steps)?;
             let entry = plan.injects(i).then(|| self.bank_entry(plan, inversion, i));
             if let (Some(tr), Some(e), None) = (trace.as_deref_mut(), &entry, &inversion.bank) {
                 tr.bank_bytes = tr.bank_bytes.max(e.bytes());
@@ -330,7 +324,8 @@ impl<'a> Editor<'a> {
                 } else {
                     inversion.latents[steps - i].clone()
                 };
-                let gd = guidance::evaluate(&self.sd.unet, plan, &z, &reference, t as f32, &cond)?;
+                let gd = guidance::evaluate(&self.sd.unet, plan, &z, &reference, t as f32, &cond)
+                    .await?;
                 if !gd.e_edit.is_finite() && !gd.e_content.is_finite() {
                     return Err(Error::InvalidInput(format!(
                         "the guidance energy at step {i} is not finite; lower the strengths"
@@ -362,15 +357,9 @@ impl<'a> Editor<'a> {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.step_latents.push(z.clone());
             }
+            step_done(progress, Phase::Editing, i + 1, steps, &z).await?;
         }
-        report(progress, Phase::Editing, steps, steps)?;
-        let finite = z
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map(|v| v.iter().all(|x| x.is_finite()))
-            .unwrap_or(false);
+        let finite = read_back(z.clone()).await?.iter().all(|x| x.is_finite());
         if !finite {
             return Err(Error::InvalidInput(
                 "the edit diverged (non-finite latent); lower energy_scale or guidance_scale"

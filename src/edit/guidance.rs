@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 
 use super::energy::{Level, energies};
 use super::plan::EditPlan;
+use crate::device::read_back;
 use crate::error::{Error, Result};
 use crate::model::unet::Unet;
 
@@ -25,14 +26,17 @@ pub struct Guidance {
     pub features: Vec<(Tensor<4>, Tensor<4>, Option<Tensor<4>>)>,
 }
 
-fn scalar(t: &Tensor<1>) -> f32 {
-    t.clone().without_autodiff().into_scalar::<f32>()
+async fn scalar(t: &Option<Tensor<1>>) -> Result<f32> {
+    match t {
+        Some(t) => Ok(read_back(t.clone().without_autodiff()).await?[0]),
+        None => Ok(f32::NAN),
+    }
 }
 
 /// Evaluates the guidance at latent `z` `[1, 4, h, w]` and timestep `t`. `reference` is the
 /// inversion latent of this step, `[B, 4, h, w]` (B = 2 in cross-image modes: base, reference
 /// image); `context` the conditional text embedding `[1, 77, C]`.
-pub fn evaluate(
+pub async fn evaluate(
     unet: &Unet,
     plan: &EditPlan,
     z: &Tensor<4>,
@@ -76,8 +80,8 @@ pub fn evaluate(
         content_levels.push(Level::new(g_content, base, replace));
     }
     let e = energies(plan, &edit_levels, &content_levels);
-    let e_edit = e.edit.as_ref().map_or(f32::NAN, scalar);
-    let e_content = e.content.as_ref().map_or(f32::NAN, scalar);
+    let e_edit = scalar(&e.edit).await?;
+    let e_content = scalar(&e.content).await?;
     let total = match (e.edit, e.content) {
         (Some(a), Some(b)) => a + b,
         (Some(a), None) | (None, Some(a)) => a,

@@ -6,6 +6,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::coords::Cell;
 use super::mask::{Mask, Placement};
 use super::plan::LatentEdit;
+use crate::device::read_back;
+use crate::error::Result;
 
 /// `t` `[B, C, H, W]` placed per axis: output cell `(y, x)` takes `t[.., rows.source(y),
 /// cols.source(x)]`, and zero where the placement leaves it empty (the reference pads with 0).
@@ -45,14 +47,10 @@ fn blend(base: Tensor<4>, pasted: Tensor<4>, mask: &Mask) -> Tensor<4> {
 /// the copy runs element by element in memory order on the live latent, as the reference's
 /// overlapping in-place slice assignment does (a block overlapping its own source then reads
 /// values it has just written); otherwise each block is read whole before it is written.
-fn copy_patches(z: Tensor<4>, copies: &[(Cell, Cell)], in_place: bool) -> Tensor<4> {
+async fn copy_patches(z: Tensor<4>, copies: &[(Cell, Cell)], in_place: bool) -> Result<Tensor<4>> {
     let device = z.device();
     let [b, c, h, w] = z.dims();
-    let mut v = z
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default();
+    let mut v = read_back(z).await?;
     let offsets: Vec<(usize, usize)> = (0..3).flat_map(|i| (0..3).map(move |j| (i, j))).collect();
     for &((sy, sx), (dy, dx)) in copies {
         for plane in 0..b * c {
@@ -71,25 +69,25 @@ fn copy_patches(z: Tensor<4>, copies: &[(Cell, Cell)], in_place: bool) -> Tensor
             }
         }
     }
-    Tensor::from_data(TensorData::new(v, [b, c, h, w]), &device)
+    Ok(Tensor::from_data(TensorData::new(v, [b, c, h, w]), &device))
 }
 
 /// Applies the initial-latent edit to the last inversion latent `z_t` `[B, 4, h, w]` (B = 2 in
 /// cross-image modes: base, reference) and returns the `[1, 4, h, w]` latent sampling starts
 /// from.
-pub fn initial_latent(edit: &LatentEdit, z_t: Tensor<4>) -> Tensor<4> {
+pub async fn initial_latent(edit: &LatentEdit, z_t: Tensor<4>) -> Result<Tensor<4>> {
     let base = z_t.clone().narrow(0, 0, 1);
-    match edit {
+    Ok(match edit {
         LatentEdit::None => base,
         LatentEdit::Move { rows, cols, mask } => {
             let moved = place(base.clone(), rows, cols);
             blend(base, moved, mask)
         }
-        LatentEdit::Drag { copies, in_place } => copy_patches(base, copies, *in_place),
+        LatentEdit::Drag { copies, in_place } => copy_patches(base, copies, *in_place).await?,
         LatentEdit::Paste { rows, cols, mask } => {
             let last = z_t.dims()[0] - 1;
             let reference = z_t.narrow(0, last, 1);
             blend(base, place(reference, rows, cols), mask)
         }
-    }
+    })
 }

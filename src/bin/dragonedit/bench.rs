@@ -3,6 +3,7 @@
 //! device pool's peak and largest single buffer (burn's pool report; both are peaks since
 //! the program started, so each row includes the rows above it).
 
+use pollster::block_on;
 use std::time::Instant;
 
 use ::image::{Rgb, RgbImage};
@@ -258,7 +259,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         &device,
         runs,
         || {
-            let g = guidance::evaluate(&sd.unet, &plan, &z, &z, 981.0, &cond)?;
+            let g = block_on(guidance::evaluate(&sd.unet, &plan, &z, &z, 981.0, &cond))?;
             read(g.guidance)
         },
     )?);
@@ -268,7 +269,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         &device,
         runs,
         || {
-            let latents = sd.invert(z.clone(), &cond, steps, &mut NoHook, &mut |_| true)?;
+            let latents = block_on(sd.invert(z.clone(), &cond, steps, &mut NoHook, &mut |_| true))?;
             read(latents.last().cloned().context("no latents")?)
         },
     )?);
@@ -280,7 +281,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 &device,
                 runs,
                 || {
-                    editor.run(&edit, None, &mut |_| true)?;
+                    block_on(editor.run(&edit, None, &mut |_| true))?;
                     Ok(())
                 },
             )?);

@@ -1,10 +1,11 @@
 //! `dragonedit edit`: runs an edit spec on a photo and writes the result, and with `--trace`
 //! every intermediate tensor in the layout of the reference fixtures (tests/fixtures/README.md).
 
+use pollster::block_on;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ::image::{RgbImage, imageops::FilterType};
+use ::image::RgbImage;
 use anyhow::{Context, Result};
 use burn::tensor::Tensor;
 use dragonedit::edit::engine::Trace;
@@ -63,15 +64,11 @@ pub fn edit(model: &ModelArgs, args: &EditArgs) -> Result<()> {
     };
     let editor = Editor::new(&sd, options);
     let mut trace = args.trace.as_ref().map(|_| Trace::default());
-    let out = editor.run(&edit, trace.as_mut(), &mut |p| bar.report(p))?;
+    let out = block_on(editor.run(&edit, trace.as_mut(), &mut |p| bar.report(p)))?;
     drop(bar);
 
     let (w0, h0) = photo.dimensions();
-    let result = if out.image.dimensions() == (w0, h0) {
-        out.image.clone()
-    } else {
-        ::image::imageops::resize(&out.image, w0, h0, FilterType::Lanczos3)
-    };
+    let result = image::resized(&out.image, w0, h0);
     write_atomic(&args.out, &image::encode_png(&result)?)?;
     println!("wrote {}", args.out.display());
     if let (Some(dir), Some(trace)) = (&args.trace, trace) {

@@ -1,5 +1,6 @@
 //! The subcommands: load the model with a progress bar, run the engine, write the results.
 
+use pollster::block_on;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -157,7 +158,7 @@ pub fn generate(
     check_steps(steps)?;
     let mut bar = Bar::new();
     let sd = load(args, &mut bar)?;
-    let img = sd.generate(prompt, seed, size, steps, guidance, &mut |p| bar.report(p))?;
+    let img = block_on(sd.generate(prompt, seed, size, steps, guidance, &mut |p| bar.report(p)))?;
     write_image(img, out)
 }
 
@@ -174,7 +175,13 @@ fn inversion(sd: &StableDiffusion, photo: &PhotoArgs, bar: &mut Bar) -> Result<V
     let z0 = sd.encode_image(x)?;
     let context = sd.encode_prompts(&[&photo.prompt])?;
     let mut hook = dragonedit::model::unet::NoHook;
-    Ok(sd.invert(z0, &context, photo.steps, &mut hook, &mut |p| bar.report(p))?)
+    Ok(block_on(sd.invert(
+        z0,
+        &context,
+        photo.steps,
+        &mut hook,
+        &mut |p| bar.report(p),
+    ))?)
 }
 
 pub fn invert(args: &ModelArgs, photo: &PhotoArgs, out: &Path) -> Result<()> {
@@ -196,9 +203,11 @@ pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Pat
     let sd = load(args, &mut bar)?;
     let mut latents = inversion(&sd, photo, &mut bar)?;
     let z_t = latents.pop().context("inversion returned no latents")?;
-    let z0 = sd.sample(z_t, &photo.prompt, guidance, photo.steps, &mut |p| {
-        bar.report(p)
-    })?;
+    let z0 = block_on(
+        sd.sample(z_t, &photo.prompt, guidance, photo.steps, &mut |p| {
+            bar.report(p)
+        }),
+    )?;
     write_image(sd.decode(z0), out)
 }
 
