@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, clippy (native and wasm32), unit and parity tests on the CPU and
-# on wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and a headless-Chromium smoke
-# test of the built page with WebGPU on SwiftShader.
+# on wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and the editor's end-to-end tests
+# in headless Chromium with WebGPU on SwiftShader (tests/e2e/editor.mjs; screenshots go to
+# tests/e2e/artifacts).
 source "$(dirname "${BASH_SOURCE[0]}")/tools.sh"
 cd "$ROOT"
 
 need_apt mesa-vulkan-drivers libvulkan1 chromium chromium-driver
 need_wasm_target
+need_node
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -23,5 +25,5 @@ CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}" cargo test --release -
 
 build_site
 
-log "browser smoke test"
-(cd tests/e2e && { [ -d node_modules/playwright-core ] || npm install --no-audit --no-fund --silent; } && node smoke.mjs "$ROOT/dist")
+log "browser end-to-end tests (headless Chromium, WebGPU on SwiftShader, the tiny model)"
+(cd tests/e2e && { [ -d node_modules/playwright-core ] || npm install --no-audit --no-fund --silent; } && node editor.mjs "$ROOT/dist" "$ROOT/tests/e2e/artifacts")

@@ -7,6 +7,10 @@ use wasm_bindgen::prelude::*;
 
 use crate::model::attention::AttentionPlan;
 
+mod blob_source;
+mod hash;
+mod session;
+
 #[wasm_bindgen(start)]
 pub fn start() {
     console_error_panic_hook::set_once();
@@ -22,7 +26,7 @@ thread_local! {
     static DEVICE: std::cell::RefCell<Option<Device>> = const { std::cell::RefCell::new(None) };
 }
 
-async fn device() -> Result<Device, JsValue> {
+pub(crate) async fn device() -> Result<Device, JsValue> {
     if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
         return Ok(d);
     }

@@ -1,0 +1,103 @@
+//! The engine as the worker sees it: one loaded model per worker, edits run against it. Calls
+//! are async (every GPU read-back is awaited), so the worker's event loop runs between steps and
+//! a cancel message is seen at the next step.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use burn::tensor::DType;
+use wasm_bindgen::prelude::*;
+
+use super::blob_source::BlobFolder;
+use crate::StableDiffusion;
+use crate::edit::{EditSpec, Editor, EngineOptions};
+use crate::error::Error;
+use crate::progress::Progress;
+
+thread_local! {
+    static MODEL: RefCell<Option<Rc<StableDiffusion>>> = const { RefCell::new(None) };
+}
+
+fn js_error(e: Error) -> JsValue {
+    let text = match &e {
+        Error::Cancelled => "cancelled".to_string(),
+        other => other.to_string(),
+    };
+    js_sys::Error::new(&text).into()
+}
+
+/// Calls `on_progress({phase, step, total})`; a `false` return cancels.
+fn progress_fn(on_progress: js_sys::Function) -> impl FnMut(Progress) -> bool {
+    move |p| {
+        let Ok(report) = serde_wasm_bindgen::to_value(&p) else {
+            return true;
+        };
+        on_progress
+            .call1(&JsValue::NULL, &report)
+            .map(|r| r.as_bool() != Some(false))
+            .unwrap_or(true)
+    }
+}
+
+/// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
+/// WebGPU device. Replaces any model loaded before.
+#[wasm_bindgen]
+pub async fn load_model(files: js_sys::Map, on_progress: js_sys::Function) -> Result<(), JsValue> {
+    let device = super::device().await?;
+    let mut folder = BlobFolder::from_map(&files).map_err(js_error)?;
+    MODEL.with(|m| m.borrow_mut().take());
+    let sd = StableDiffusion::load(
+        &mut folder,
+        &device,
+        DType::F32,
+        &mut progress_fn(on_progress),
+    )
+    .map_err(js_error)?;
+    MODEL.with(|m| *m.borrow_mut() = Some(Rc::new(sd)));
+    Ok(())
+}
+
+/// True once a model is loaded.
+#[wasm_bindgen]
+pub fn model_loaded() -> bool {
+    MODEL.with(|m| m.borrow().is_some())
+}
+
+/// Runs one edit. `spec` is the edit spec JSON (the CLI's format); `image` and `reference` are
+/// PNG or JPEG bytes; `assets` maps the spec's mask names to PNG bytes. Returns the result as
+/// PNG bytes at the photo's own size.
+#[wasm_bindgen]
+pub async fn run_edit(
+    spec: String,
+    image: Vec<u8>,
+    reference: Option<Vec<u8>>,
+    assets: js_sys::Map,
+    on_progress: js_sys::Function,
+) -> Result<Vec<u8>, JsValue> {
+    let sd = MODEL
+        .with(|m| m.borrow().clone())
+        .ok_or_else(|| js_error(Error::InvalidInput("no model is loaded yet".into())))?;
+    let spec = EditSpec::from_json(&spec).map_err(js_error)?;
+    let photo = crate::image::decode(&image).map_err(js_error)?;
+    let reference = reference
+        .as_deref()
+        .map(crate::image::decode)
+        .transpose()
+        .map_err(js_error)?;
+    let edit = spec
+        .resolve(photo.clone(), reference, &mut |name| {
+            let bytes = assets.get(&JsValue::from_str(name));
+            if bytes.is_undefined() {
+                return Err(Error::Spec(format!("no mask named {name:?} was sent")));
+            }
+            Ok(js_sys::Uint8Array::new(&bytes).to_vec())
+        })
+        .map_err(js_error)?;
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let out = editor
+        .run(&edit, None, &mut progress_fn(on_progress))
+        .await
+        .map_err(js_error)?;
+    let (w, h) = photo.dimensions();
+    crate::image::encode_png(&crate::image::resized(&out.image, w, h)).map_err(js_error)
+}

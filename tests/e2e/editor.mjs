@@ -1,0 +1,311 @@
+// End-to-end tests of the built site in headless Chromium, WebGPU on SwiftShader, with the tiny
+// model of tests/fixtures served locally: first visit (license, download with a dropped
+// connection and a corrupted file), a second visit from the cache with no weight requests,
+// drag and move edits, cancelling, bad photos, no WebGPU, and the widget demo. Every request
+// must stay on the page's origin. Usage: node editor.mjs DIST_DIR [ARTIFACT_DIR]
+import { mkdtemp, mkdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { startServer } from "../../scripts/site-server.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const dist = resolve(process.argv[2] ?? join(here, "../../dist"));
+const artifacts = resolve(process.argv[3] ?? join(here, "artifacts"));
+const modelDir = join(here, "../fixtures/tiny-sd");
+const photoPath = join(here, "../fixtures/drag/image.png");
+// A fixed port: IndexedDB belongs to the origin, and the origin includes the port.
+const port = Number(process.env.E2E_PORT ?? 18733);
+const MODEL = "/models/tiny/dragonedit-manifest.json";
+// Few steps at the smallest working resolution: SwiftShader runs WebGPU on the CPU, slowly.
+const STEPS = 2;
+const RESOLUTION = 64;
+const ONLY = process.env.E2E_ONLY ? new RegExp(process.env.E2E_ONLY) : null;
+
+await mkdir(artifacts, { recursive: true });
+const { server, state, url } = await startServer({
+  dist, port, models: { tiny: modelDir }, licenses: { tiny: { name: "the test license", url: "/LICENSE-test" } },
+});
+const profile = await mkdtemp(join(tmpdir(), "dragonedit-e2e-"));
+const base = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync"];
+const webgpu = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"];
+
+let passed = 0;
+let failed = 0;
+const foreign = [];
+
+async function browser(args, userDataDir = profile) {
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", headless: true, args: [...base, ...args],
+    viewport: { width: 1280, height: 900 },
+  });
+  context.on("request", (r) => {
+    if (!r.url().startsWith(url) && !r.url().startsWith("blob:") && !r.url().startsWith("data:")) foreign.push(r.url());
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.on("requestfailed", (r) => console.log(`  [request failed] ${r.url()}`));
+  page.on("response", (r) => r.status() >= 400 && console.log(`  [${r.status()}] ${r.url()}`));
+  page.on("console", (m) => (m.type() === "error" || process.env.E2E_VERBOSE) && console.log(`  [console] ${m.text()}`));
+  page.on("pageerror", (e) => console.log(`  [pageerror] ${e.message}`));
+  return { context, page };
+}
+
+async function test(name, body) {
+  if (ONLY && !ONLY.test(name)) return;
+  const started = Date.now();
+  try {
+    await body();
+    console.log(`ok: ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+    passed++;
+  } catch (e) {
+    console.log(`FAILED: ${name} (${((Date.now() - started) / 1000).toFixed(1)} s): ${e.stack ?? e}`);
+    failed++;
+  }
+}
+
+function check(ok, text) {
+  if (!ok) throw new Error(text);
+}
+
+const status = (page) => page.locator("dragon-editor .message");
+
+async function waitState(page, wanted, timeout = 300_000) {
+  await page.waitForFunction(
+    (w) => {
+      const m = document.querySelector("dragon-editor")?.shadowRoot?.querySelector(".message");
+      return m && (m.dataset.state === w || (w !== "error" && m.dataset.state === "error"));
+    },
+    wanted,
+    { timeout },
+  );
+  const text = await status(page).textContent();
+  const state = await status(page).getAttribute("data-state");
+  check(state === wanted, `expected the status to become ${wanted}, got ${state}: ${text}`);
+  return text;
+}
+
+async function openPhoto(page, path = photoPath) {
+  await page.locator("dragon-editor input.open").setInputFiles(path);
+  await page.waitForFunction(() => {
+    const root = document.querySelector("dragon-editor").shadowRoot;
+    return root.querySelector(".drop").hidden || root.querySelector(".message").dataset.state === "error";
+  }, null, { timeout: 30_000 }).catch(async (e) => {
+    throw new Error(`${e.message}; status: ${await status(page).textContent()}`);
+  });
+  const state = await status(page).getAttribute("data-state");
+  check(state !== "error", `opening the photo failed: ${await status(page).textContent()}`);
+}
+
+// Drags on the photo between two points given as fractions of its box.
+async function dragOnPhoto(page, from, to, steps = 8) {
+  const box = await page.locator("dragon-editor .stage:not(.reference) canvas.overlay").boundingBox();
+  const at = ([fx, fy]) => [box.x + fx * box.width, box.y + fy * box.height];
+  await page.mouse.move(...at(from));
+  await page.mouse.down();
+  await page.mouse.move(...at(to), { steps });
+  await page.mouse.up();
+}
+
+async function setAdvanced(page) {
+  await page.locator("dragon-editor details.advanced summary").click();
+  await page.locator("dragon-editor input.steps").fill(String(STEPS));
+  await page.locator("dragon-editor input.resolution").fill(String(RESOLUTION));
+}
+
+// Runs the edit and waits for the element's result event (or its error event).
+async function runAndWait(page) {
+  await page.evaluate(() => {
+    const editor = document.querySelector("dragon-editor");
+    window.__nextResult = new Promise((resolve, reject) => {
+      editor.addEventListener("result", (e) => resolve(e.detail.blob), { once: true });
+      editor.addEventListener("error", (e) => reject(new Error(e.detail.message)), { once: true });
+    });
+  });
+  await page.locator("dragon-editor button.run").click();
+  return page.evaluate(async () => {
+    const blob = await window.__nextResult;
+    const bitmap = await createImageBitmap(blob);
+    return { width: bitmap.width, height: bitmap.height, type: blob.type };
+  });
+}
+
+const weightRequests = () => state.log.filter((r) => r.path.startsWith("/models/"));
+
+await test("first visit: license dialog, download into IndexedDB with a dropped connection and a corrupted file", async () => {
+  state.faults = [
+    { path: "/models/tiny/unet/diffusion_pytorch_model.safetensors", kind: "drop", bytes: 1 << 20, times: 1 },
+    { path: "/models/tiny/vae/diffusion_pytorch_model.safetensors", kind: "corrupt", times: 1 },
+  ];
+  state.log = [];
+  const { context, page } = await browser(webgpu);
+  try {
+    await page.goto(`${url}/?model=${MODEL}`);
+    const dialog = page.locator("dragon-editor dialog.license");
+    await dialog.waitFor({ state: "visible", timeout: 120_000 });
+    const text = await dialog.textContent();
+    check(/tiny/.test(text) && /the test license/.test(text) && /MB|kB/.test(text), `dialog text: ${text}`);
+    check(weightRequests().every((r) => r.path.endsWith("dragonedit-manifest.json")), "weights were requested before the license was accepted");
+    await page.locator("dragon-editor button.accept").click();
+    await waitState(page, "ok");
+    const unet = state.log.filter((r) => r.path.endsWith("unet/diffusion_pytorch_model.safetensors"));
+    check(unet.length === 2 && unet[1].range === `bytes=${1 << 20}-`, `UNet requests: ${JSON.stringify(unet)}`);
+    const vae = state.log.filter((r) => r.path.endsWith("vae/diffusion_pytorch_model.safetensors"));
+    check(vae.length === 2, `the corrupted VAE was fetched ${vae.length} times`);
+    const notices = await page.locator("dragon-editor .notices").textContent();
+    check(/vae\/diffusion_pytorch_model.safetensors failed its SHA-256 check and was discarded/.test(notices), `notices: ${notices}`);
+    const storage = await page.locator("dragon-editor .models").textContent();
+    check(/tiny: 12 MB/.test(storage), `storage panel: ${storage}`);
+  } finally {
+    await context.close();
+  }
+});
+
+await test("a download interrupted by closing the browser resumes on the next visit", async () => {
+  const other = await mkdtemp(join(tmpdir(), "dragonedit-e2e-resume-"));
+  const unet = "/models/tiny/unet/diffusion_pytorch_model.safetensors";
+  state.faults = [{ path: unet, kind: "stall", bytes: 1 << 20, times: 1 }];
+  state.log = [];
+  try {
+    let { context, page } = await browser(webgpu, other);
+    await page.goto(`${url}/?model=${MODEL}`);
+    await page.locator("dragon-editor button.accept").click();
+    await page.waitForFunction(() => /Downloading/.test(document.querySelector("dragon-editor").shadowRoot.querySelector(".message").textContent));
+    for (let i = 0; i < 100 && !state.log.some((r) => r.path === unet); i++) await new Promise((r) => setTimeout(r, 100));
+    await context.close();
+    const before = state.log.length;
+    ({ context, page } = await browser(webgpu, other));
+    try {
+      await page.goto(`${url}/?model=${MODEL}`);
+      const dialog = page.locator("dragon-editor dialog.license");
+      await dialog.waitFor({ state: "visible", timeout: 60_000 });
+      await page.locator("dragon-editor button.accept").click();
+      await waitState(page, "ok");
+      const again = state.log.slice(before).filter((r) => r.path.startsWith("/models/") && !r.path.endsWith("manifest.json")).map((r) => r.path);
+      check(again.length === 3 && again[0] === unet, `after the reload the page fetched ${JSON.stringify(again)}; only the unfinished UNet and the two files after it were expected`);
+    } finally {
+      await context.close();
+    }
+  } finally {
+    await rm(other, { recursive: true, force: true });
+  }
+});
+
+await test("second visit: the model loads from the cache with no weight request", async () => {
+  state.faults = [];
+  state.log = [];
+  const { context, page } = await browser(webgpu);
+  try {
+    await page.goto(`${url}/?model=${MODEL}`);
+    await waitState(page, "ok");
+    check(weightRequests().length === 0, `requests for the model: ${JSON.stringify(weightRequests())}`);
+    check(!(await page.locator("dragon-editor dialog.license").isVisible()), "the license dialog showed again");
+
+    await test("drag edit: mask, a point pair, a result of the photo's size; screenshot", async () => {
+      await openPhoto(page);
+      await setAdvanced(page);
+      await page.locator("dragon-editor button.tool[data-tool=brush]").click();
+      await dragOnPhoto(page, [0.25, 0.3], [0.75, 0.6], 12);
+      await page.locator("dragon-editor button.tool[data-tool=points]").click();
+      await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+      await page.locator("dragon-editor").screenshot({ path: join(artifacts, "editor-with-mask-and-points.png") });
+      const result = await runAndWait(page);
+      check(result.width === 128 && result.height === 128 && result.type === "image/png", `result ${JSON.stringify(result)}`);
+      check(!(await page.locator("dragon-editor a.download").isHidden()), "no download link");
+    });
+
+    await test("move edit on the result, then undo back to the original", async () => {
+      await page.locator("dragon-editor select.mode").selectOption("move");
+      await dragOnPhoto(page, [0.3, 0.3], [0.6, 0.6], 12);
+      await page.locator("dragon-editor button.tool[data-tool=points]").click();
+      await dragOnPhoto(page, [0.45, 0.45], [0.6, 0.5]);
+      const result = await runAndWait(page);
+      check(result.width === 128 && result.height === 128, `result ${JSON.stringify(result)}`);
+      await page.locator("dragon-editor button.undo-edit").click();
+      await page.locator("dragon-editor button.undo-edit").click();
+      check(await page.locator("dragon-editor button.undo-edit").isDisabled(), "undo should stop at the original");
+      check(await page.locator("dragon-editor button.redo-edit").isEnabled(), "redo should be possible");
+    });
+
+    await test("cancel an edit midway, then run another", async () => {
+      await page.locator("dragon-editor select.mode").selectOption("drag");
+      await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+      await page.locator("dragon-editor input.steps").fill("50");
+      await page.locator("dragon-editor button.run").click();
+      await page.waitForFunction(() => /Inverting: [1-9]/.test(document.querySelector("dragon-editor").shadowRoot.querySelector(".message").textContent), null, { timeout: 300_000 });
+      await page.locator("dragon-editor button.cancel").click();
+      const text = await waitState(page, "ok");
+      check(/Cancelled/.test(text), `after cancel: ${text}`);
+      await page.locator("dragon-editor input.steps").fill(String(STEPS));
+      const result = await runAndWait(page);
+      check(result.width === 128, `result ${JSON.stringify(result)}`);
+    });
+
+    await test("an empty mask in move mode gets a clear message", async () => {
+      await page.locator("dragon-editor select.mode").selectOption("move");
+      await page.locator("dragon-editor button.clear-mask").click();
+      await page.locator("dragon-editor button.run").click();
+      const text = await waitState(page, "error", 10_000);
+      check(/mask is empty/.test(text), text);
+    });
+
+    await test("a file that is not an image, and a huge photo", async () => {
+      await page.locator("dragon-editor input.open").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hello") });
+      const text = await waitState(page, "error", 10_000);
+      check(/not an image/.test(text), text);
+      const note = await page.evaluate(async () => {
+        const c = new OffscreenCanvas(6000, 4000);
+        c.getContext("2d").fillRect(0, 0, 10, 10);
+        const editor = document.querySelector("dragon-editor");
+        await editor.loadImage(await c.convertToBlob({ type: "image/png" }));
+        return editor.shadowRoot.querySelector(".notices").textContent;
+      });
+      check(/6000x4000; it was scaled to 2048x1365/.test(note), note);
+    });
+  } finally {
+    await context.close();
+  }
+});
+
+await test("the widget demo completes an edit and fires its result event", async () => {
+  state.log = [];
+  const { context, page } = await browser(webgpu);
+  try {
+    await page.goto(`${url}/www/demo.html?model=${MODEL}`);
+    await waitState(page, "ok");
+    check(weightRequests().length === 0, "the demo fetched weights again");
+    await openPhoto(page);
+    await setAdvanced(page);
+    await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+    await page.locator("dragon-editor button.run").click();
+    await page.waitForFunction(() => window.__dragoneditResult, null, { timeout: 600_000 });
+    const r = await page.evaluate(() => window.__dragoneditResult);
+    check(r.width === 128 && r.height === 128 && r.size > 0, JSON.stringify(r));
+    check(/result: 128x128 PNG/.test(await page.locator("#log").textContent()), "the host page did not log the result");
+  } finally {
+    await context.close();
+  }
+});
+
+await test("without WebGPU the page says so", async () => {
+  const fresh = await mkdtemp(join(tmpdir(), "dragonedit-e2e-nogpu-"));
+  const { context, page } = await browser([], fresh);
+  try {
+    await page.goto(`${url}/?model=${MODEL}`);
+    const text = await waitState(page, "error", 60_000);
+    check(/WebGPU/.test(text) && /Chrome or Edge/.test(text), text);
+  } finally {
+    await context.close();
+    await rm(fresh, { recursive: true, force: true });
+  }
+});
+
+await test("every request stayed on the page's origin", async () => {
+  check(foreign.length === 0, `requests left the origin: ${foreign.join(", ")}`);
+});
+
+server.close();
+await rm(profile, { recursive: true, force: true });
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);

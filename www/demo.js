@@ -1,0 +1,22 @@
+// The host side of the widget demo: pick the model from `?model=`, load the element, and show
+// what its events deliver.
+const params = new URLSearchParams(location.search);
+const editor = document.querySelector("dragon-editor");
+if (params.get("model")) editor.setAttribute("model", params.get("model"));
+await import("./dragon-editor.js");
+
+const log = document.getElementById("log");
+function note(text) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  log.append(li);
+}
+editor.addEventListener("ready", (e) => note(`ready: ${e.detail.model}`));
+editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));
+editor.addEventListener("result", async (e) => {
+  note(`result: ${e.detail.width}x${e.detail.height} PNG, ${e.detail.blob.size} bytes`);
+  const img = document.getElementById("received");
+  img.src = URL.createObjectURL(e.detail.blob);
+  img.hidden = false;
+  window.__dragoneditResult = { width: e.detail.width, height: e.detail.height, size: e.detail.blob.size };
+});

@@ -1,0 +1,19 @@
+// Iframe mode: the editor alone, for sites that prefer isolation. `?model=` picks the model;
+// `?parent=ORIGIN` names the embedding page, which then receives {type: "dragonedit:result",
+// blob}, "dragonedit:progress" and "dragonedit:error" messages and may send
+// {type: "dragonedit:load-image", blob}. Without `parent` nothing is posted out.
+const params = new URLSearchParams(location.search);
+const editor = document.querySelector("dragon-editor");
+if (params.get("model")) editor.setAttribute("model", params.get("model"));
+await import("./dragon-editor.js");
+
+const parentOrigin = params.get("parent");
+if (parentOrigin && window.parent !== window) {
+  for (const type of ["result", "progress", "error", "ready"]) {
+    editor.addEventListener(type, (e) => window.parent.postMessage({ type: `dragonedit:${type}`, ...e.detail }, parentOrigin));
+  }
+  window.addEventListener("message", (e) => {
+    if (e.origin !== parentOrigin) return;
+    if (e.data?.type === "dragonedit:load-image" && e.data.blob instanceof Blob) editor.loadImage(e.data.blob);
+  });
+}

@@ -1,0 +1,154 @@
+// The engine's worker: it owns the wasm module, the WebGPU device, the model cache and the
+// downloads, so the page never freezes. Messages in: {type, id, ...}; every answer carries the
+// request's id. Progress reports come from the engine (serde-wasm-bindgen) as
+// {phase, step, total}, and from downloads as {phase: "downloading", bytes, total}.
+import init, * as wasm from "../dragonedit.js";
+import * as cache from "./cache.js";
+import { cachedFiles, download, isCached, missingBytes } from "./download.js";
+
+const ready = init({ module_or_path: new URL("../dragonedit_bg.wasm", import.meta.url) });
+let cancelRequested = false;
+let busy = null;
+let loadedModel = null;
+// Set when the wasm module trapped (a panic, a lost GPU device): its state cannot be trusted.
+let crashed = null;
+
+function post(message, transfer = []) {
+  self.postMessage(message, transfer);
+}
+
+// Manifests are fetched once and kept with the cached model, so a later visit works offline.
+async function resolveManifest(source) {
+  const cached = await cache.getModel(source);
+  if (cached?.manifest && (await isCached(cached.manifest))) return cached.manifest;
+  const url = source.endsWith(".json") ? source : `${source.replace(/\/$/, "")}/dragonedit-manifest.json`;
+  let response;
+  try {
+    response = await fetch(url, { cache: "no-store" });
+  } catch (e) {
+    if (cached?.manifest) return cached.manifest;
+    throw new Error(`cannot reach the model at ${url} (${e.message}); check the connection or the model address`);
+  }
+  if (!response.ok) throw new Error(`the model manifest ${url} answered ${response.status}; check the model address`);
+  const m = await response.json();
+  if (!Array.isArray(m.files) || m.files.length === 0) throw new Error(`${url} lists no files`);
+  const manifest = {
+    id: source,
+    name: m.name ?? source,
+    base: new URL(m.base ?? ".", new URL(url, self.location.href)).href,
+    license: m.license ?? null,
+    requirements: m.requirements ?? {},
+    files: m.files,
+  };
+  await cache.putModel({ ...(cached ?? {}), id: source, name: manifest.name, manifest, files: manifest.files.map((f) => f.path) });
+  return manifest;
+}
+
+const handlers = {
+  async inspect({ source }) {
+    const manifest = await resolveManifest(source);
+    const missing = await missingBytes(manifest);
+    const cached = await isCached(manifest);
+    let quota = null;
+    if (self.navigator.storage?.estimate) {
+      const e = await self.navigator.storage.estimate();
+      quota = { usage: e.usage ?? 0, quota: e.quota ?? 0 };
+    }
+    return { manifest, missing, cached, quota };
+  },
+
+  async download({ source }) {
+    const manifest = await resolveManifest(source);
+    await ready;
+    const started = performance.now();
+    await download(
+      manifest,
+      wasm,
+      ({ bytes, total, file }) => {
+        const seconds = (performance.now() - started) / 1000;
+        post({ type: "progress", phase: "downloading", step: bytes, total, file, rate: seconds > 0 ? bytes / seconds : 0 });
+      },
+      (text) => post({ type: "notice", text }),
+    );
+    return { cached: true };
+  },
+
+  async load({ source }) {
+    const manifest = await resolveManifest(source);
+    await ready;
+    if (loadedModel === source && wasm.model_loaded()) return { loaded: true };
+    const files = await cachedFiles(manifest);
+    await wasm.load_model(files, (p) => {
+      post({ type: "progress", ...p });
+      return true;
+    });
+    loadedModel = source;
+    return { loaded: true };
+  },
+
+  async edit({ spec, image, reference, assets }) {
+    await ready;
+    cancelRequested = false;
+    const map = new Map(Object.entries(assets ?? {}));
+    const png = await wasm.run_edit(spec, image, reference ?? undefined, map, (p) => {
+      post({ type: "progress", ...p });
+      return !cancelRequested;
+    });
+    return { png };
+  },
+
+  async storage() {
+    const models = await cache.listModels();
+    return { models: models.map((m) => ({ id: m.id, name: m.name, size: m.size ?? 0, complete: Boolean(m.size) })) };
+  },
+
+  async remove({ source }) {
+    if (loadedModel === source) loadedModel = null;
+    await cache.deleteModel(source);
+    return { removed: source };
+  },
+
+  async check() {
+    await ready;
+    const got = await wasm.webgpu_check();
+    const want = wasm.webgpu_check_expected();
+    return { got, want, ok: Math.abs(got - want) <= 1e-3 * Math.max(1, Math.abs(want)) };
+  },
+};
+
+self.onmessage = async (event) => {
+  const msg = event.data;
+  if (msg.type === "cancel") {
+    cancelRequested = true;
+    return;
+  }
+  if (crashed) {
+    post({ type: "error", id: msg.id, message: crashed });
+    return;
+  }
+  const handler = handlers[msg.type];
+  if (!handler) {
+    post({ type: "error", id: msg.id, message: `unknown request ${msg.type}` });
+    return;
+  }
+  const long = ["download", "load", "edit"].includes(msg.type);
+  if (long && busy) {
+    post({ type: "error", id: msg.id, message: `still ${busy}; wait for it or cancel it first` });
+    return;
+  }
+  if (long) busy = msg.type === "edit" ? "editing" : msg.type === "load" ? "loading the model" : "downloading";
+  try {
+    const result = await handler(msg);
+    const transfer = result.png ? [result.png.buffer] : [];
+    post({ type: "done", id: msg.id, ...result }, transfer);
+  } catch (e) {
+    let message = e instanceof Error ? e.message : String(e);
+    if (e instanceof WebAssembly.RuntimeError) {
+      crashed = `The editing engine stopped (${message}), for example because the GPU was lost. Reload the page to start it again; your photos stay in this tab until then.`;
+      message = crashed;
+    }
+    post({ type: "error", id: msg.id, message, cancelled: message === "cancelled" });
+  } finally {
+    if (long) busy = null;
+  }
+};
