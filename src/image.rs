@@ -105,6 +105,39 @@ pub fn resized(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     }
 }
 
+/// SD 1.x latent channels → RGB, the linear fit to the VAE decoder that UIs use for previews
+/// (ComfyUI's `latent_rgb_factors` for SD 1.5): rows are latent channels, columns R, G, B.
+const LATENT_RGB: [[f32; 3]; 4] = [
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+];
+
+/// A cheap preview of a scaled latent `[4, h, w]` (row-major) as an `h x w` RGB image: no VAE
+/// pass, so it costs almost nothing between steps. Only meaningful for SD 1.x weights.
+pub fn latent_preview(values: &[f32], h: usize, w: usize) -> Result<RgbImage> {
+    if values.len() != 4 * h * w {
+        return Err(Error::InvalidInput(format!(
+            "expected {} values for a 4x{h}x{w} latent, got {}",
+            4 * h * w,
+            values.len()
+        )));
+    }
+    let mut img = RgbImage::new(w as u32, h as u32);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let at = y as usize * w + x as usize;
+        for c in 0..3 {
+            let v: f32 = (0..4)
+                .map(|k| values[k * h * w + at] * LATENT_RGB[k][c])
+                .sum();
+            let v = if v.is_finite() { (v + 1.0) / 2.0 } else { 0.0 };
+            px[c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    Ok(img)
+}
+
 /// PNG bytes of an image.
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = std::io::Cursor::new(Vec::new());
@@ -124,6 +157,24 @@ mod tests {
         // 4:3 photo at R = 512: k = sqrt(512² / (4000·3000)) → 591 x 443 → 576 x 448.
         assert_eq!(working_size(4000, 3000, 512), (576, 448));
         assert_eq!(working_size(3000, 4000, 768), (640, 896));
+    }
+
+    #[test]
+    fn latent_preview_mixes_channels_per_pixel() {
+        // 2x3 latent: pixel (x=2, y=1) has channel 1 = 1, channel 3 = 0.5; all else 0.
+        let (h, w) = (2, 3);
+        let mut values = vec![0f32; 4 * h * w];
+        values[h * w + w + 2] = 1.0;
+        values[3 * h * w + w + 2] = 0.5;
+        let img = latent_preview(&values, h, w).unwrap();
+        let expect = |c: usize| {
+            let v = LATENT_RGB[1][c] + 0.5 * LATENT_RGB[3][c];
+            (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8
+        };
+        assert_eq!(img.get_pixel(2, 1).0, [expect(0), expect(1), expect(2)]);
+        // A zero latent is mid-grey everywhere else.
+        assert_eq!(img.get_pixel(0, 0).0, [128, 128, 128]);
+        assert!(latent_preview(&values[1..], h, w).is_err());
     }
 
     #[test]

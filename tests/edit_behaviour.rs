@@ -9,7 +9,7 @@ use ::image::{Rgb, RgbImage};
 use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use dragonedit::edit::{
-    BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, guidance,
+    BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, Preview, guidance,
 };
 use dragonedit::{Error, Phase};
 use pollster::block_on;
@@ -387,4 +387,27 @@ fn cancelling_stops_promptly() {
         seen.iter()
             .any(|p| p.phase == Phase::Inverting && p.step == 50)
     );
+}
+
+/// Live previews arrive every `every` steps (not after the last, which the result shows), are
+/// latent-sized, and do not change the edit.
+#[test]
+fn previews_arrive_every_few_steps_and_leave_the_edit_unchanged() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let (_, case, json) = mode_specs()[1];
+    let json = json.replace("\"resolution\": 128", "\"resolution\": 128, \"steps\": 6");
+    let e = edit(&json, case);
+    let mut shown = Vec::new();
+    let mut show = |step: usize, img: RgbImage| shown.push((step, img.dimensions()));
+    let mut preview = Preview {
+        every: 2,
+        show: &mut show,
+    };
+    let with = block_on(editor.run_with_preview(&e, None, &mut |_| true, Some(&mut preview)))
+        .expect("runs");
+    assert_eq!(shown, vec![(2, (16, 16)), (4, (16, 16))]);
+    let without = run(&editor, &e).expect("runs");
+    assert_eq!(values(with.final_latent), values(without.final_latent));
 }

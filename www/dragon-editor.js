@@ -2,8 +2,8 @@
 // embeddable in other sites. Attributes: `model` (a manifest URL, or a base URL serving
 // dragonedit-manifest.json), `resolution` (working resolution, default 512; `size` is an
 // alias). API: loadImage(blob), run(), cancel(), result() → Promise<Blob|null>. Events:
-// `progress` {phase, step, total, eta}, `result` {blob, width, height}, `error` {message},
-// `ready` {model}.
+// `progress` {phase, step, total, eta}, `preview` {step}, `result` {blob, width, height},
+// `error` {message}, `ready` {model}.
 import { EngineClient, formatBytes, formatSeconds } from "./engine.js";
 import { Sketch, canvasPng, readPhoto } from "./sketch.js";
 
@@ -179,6 +179,17 @@ class DragonEditor extends HTMLElement {
     this.dispatchEvent(new CustomEvent("progress", { detail: { ...p, eta } }));
   }
 
+  // A latent-sized estimate of the result, drawn over the photo until the edit ends.
+  async preview({ step, png }) {
+    if (!this.running) return;
+    const bitmap = await createImageBitmap(new Blob([png], { type: "image/png" }));
+    if (!this.running) return bitmap.close();
+    this.sketch.drawPhoto(bitmap);
+    bitmap.close();
+    this.$(".stage").dataset.preview = String(step);
+    this.dispatchEvent(new CustomEvent("preview", { detail: { step } }));
+  }
+
   // ----- model -----
 
   async start() {
@@ -191,7 +202,11 @@ class DragonEditor extends HTMLElement {
     if (!adapter) {
       throw new Error("WebGPU is present but found no GPU adapter. Turn on hardware acceleration in the browser settings, or try Chrome or Edge on another computer.");
     }
-    this.engine ??= new EngineClient({ onProgress: (p) => this.progress(p), onNotice: (t) => this.notice(t) });
+    this.engine ??= new EngineClient({
+      onProgress: (p) => this.progress(p),
+      onNotice: (t) => this.notice(t),
+      onPreview: (p) => this.preview(p),
+    });
     this.say("Checking the model…");
     const info = await this.engine.request("inspect", { source: this.modelSource });
     const need = info.manifest.requirements?.max_buffer_mib;
@@ -426,10 +441,12 @@ class DragonEditor extends HTMLElement {
       this.say("Done. Download the result, compare it with the photo before, or edit further.", "ok");
       this.dispatchEvent(new CustomEvent("result", { detail: { blob, width: canvas.width, height: canvas.height } }));
     } catch (e) {
+      this.sketch.drawPhoto(this.current);
       if (e.cancelled) this.say("Cancelled. The photo is unchanged.", "ok");
       else this.fail(e);
     } finally {
       this.running = false;
+      delete this.$(".stage").dataset.preview;
       this.updateButtons();
     }
   }

@@ -1,6 +1,6 @@
 // The page's side of the worker: requests as promises, progress and notices as callbacks.
 export class EngineClient {
-  constructor({ onProgress, onNotice }) {
+  constructor({ onProgress, onNotice, onPreview }) {
     this.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     this.pending = new Map();
     this.nextId = 1;
@@ -8,6 +8,7 @@ export class EngineClient {
       const msg = event.data;
       if (msg.type === "progress") return onProgress?.(msg);
       if (msg.type === "notice") return onNotice?.(msg.text);
+      if (msg.type === "preview") return onPreview?.(msg);
       const waiting = this.pending.get(msg.id);
       if (!waiting) return;
       this.pending.delete(msg.id);

@@ -90,10 +90,17 @@ const handlers = {
     await ready;
     cancelRequested = false;
     const map = new Map(Object.entries(assets ?? {}));
-    const png = await wasm.run_edit(spec, image, reference ?? undefined, map, (p) => {
-      post({ type: "progress", ...p });
-      return !cancelRequested;
-    });
+    const png = await wasm.run_edit(
+      spec,
+      image,
+      reference ?? undefined,
+      map,
+      (p) => {
+        post({ type: "progress", ...p });
+        return !cancelRequested;
+      },
+      (step, preview) => post({ type: "preview", step, png: preview }, [preview.buffer]),
+    );
     return { png };
   },
 

@@ -18,8 +18,12 @@ pub fn step(
     a_t: f32,
     a_prev: f32,
 ) -> Tensor<4> {
-    let x0 = (z - eps_x0 * (1.0 - a_t).sqrt()) / a_t.sqrt();
-    x0 * a_prev.sqrt() + eps_dir * (1.0 - a_prev).sqrt()
+    predict_x0(z, eps_x0, a_t) * a_prev.sqrt() + eps_dir * (1.0 - a_prev).sqrt()
+}
+
+/// The clean-latent estimate x̂0 of `z` at ᾱ = `a_t` with noise prediction `eps`.
+pub fn predict_x0(z: Tensor<4>, eps: Tensor<4>, a_t: f32) -> Tensor<4> {
+    (z - eps * (1.0 - a_t).sqrt()) / a_t.sqrt()
 }
 
 /// Inversion step k (0-based) of ALGORITHM.md §2.1: from `z` at the lower level

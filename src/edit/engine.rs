@@ -26,6 +26,13 @@ pub struct EngineOptions {
     pub fidelity: Fidelity,
 }
 
+/// Live previews during an edit: every `every` editing steps, `show(step, image)` gets the
+/// current clean-image estimate x̂0, mapped to RGB without the VAE (`image::latent_preview`).
+pub struct Preview<'a> {
+    pub every: usize,
+    pub show: &'a mut dyn FnMut(usize, RgbImage),
+}
+
 /// The first guided step in detail, as the reference fixtures' `first_guided_step.npz`.
 pub struct FirstStep {
     pub latent: Tensor<4>,
@@ -210,8 +217,19 @@ impl<'a> Editor<'a> {
     pub async fn run(
         &self,
         edit: &Edit,
+        trace: Option<&mut Trace>,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<EditOutput> {
+        self.run_with_preview(edit, trace, progress, None).await
+    }
+
+    /// [`Editor::run`], showing a preview every few steps.
+    pub async fn run_with_preview(
+        &self,
+        edit: &Edit,
         mut trace: Option<&mut Trace>,
         progress: &mut ProgressFn<'_>,
+        preview: Option<&mut Preview<'_>>,
     ) -> Result<EditOutput> {
         let plan = self.plan(edit)?;
         let inversion = self.invert(edit, &plan, progress).await?;
@@ -222,7 +240,7 @@ impl<'a> Editor<'a> {
             tr.inversion_text_embeddings = Some(inversion.context.clone());
         }
         let z = self
-            .sample(&plan, &inversion, &context, trace, progress)
+            .sample(&plan, &inversion, &context, trace, progress, preview)
             .await?;
         report(progress, Phase::Decoding, 0, 1)?;
         let image = self.sd.decode(z.clone());
@@ -284,6 +302,7 @@ impl<'a> Editor<'a> {
         context: &Tensor<3>,
         mut trace: Option<&mut Trace>,
         progress: &mut ProgressFn<'_>,
+        mut preview: Option<&mut Preview<'_>>,
     ) -> Result<Tensor<4>> {
         let steps = plan.steps;
         let schedule = &self.sd.schedule;
@@ -352,6 +371,15 @@ impl<'a> Editor<'a> {
             };
             if let Some(tr) = trace.as_deref_mut() {
                 tr.eps_cfg.push(eps.clone());
+            }
+            if let Some(p) = preview.as_deref_mut()
+                && (i + 1) % p.every.max(1) == 0
+                && i + 1 < steps
+            {
+                let x0 = ddim::predict_x0(z.clone(), eps_x0.clone(), a_t);
+                let [_, _, h, w] = x0.dims();
+                let values = read_back(x0).await?;
+                (p.show)(i + 1, pixels::latent_preview(&values, h, w)?);
             }
             z = ddim::step(z, eps_x0, eps, a_t, a_prev);
             if let Some(tr) = trace.as_deref_mut() {

@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 
 use super::blob_source::BlobFolder;
 use crate::StableDiffusion;
-use crate::edit::{EditSpec, Editor, EngineOptions};
+use crate::edit::{EditSpec, Editor, EngineOptions, Preview};
 use crate::error::Error;
 use crate::progress::Progress;
 
@@ -64,8 +64,9 @@ pub fn model_loaded() -> bool {
 }
 
 /// Runs one edit. `spec` is the edit spec JSON (the CLI's format); `image` and `reference` are
-/// PNG or JPEG bytes; `assets` maps the spec's mask names to PNG bytes. Returns the result as
-/// PNG bytes at the photo's own size.
+/// PNG or JPEG bytes; `assets` maps the spec's mask names to PNG bytes. `on_preview(step, png)`
+/// gets a latent-sized preview about every tenth of the steps. Returns the result as PNG bytes
+/// at the photo's own size.
 #[wasm_bindgen]
 pub async fn run_edit(
     spec: String,
@@ -73,6 +74,7 @@ pub async fn run_edit(
     reference: Option<Vec<u8>>,
     assets: js_sys::Map,
     on_progress: js_sys::Function,
+    on_preview: Option<js_sys::Function>,
 ) -> Result<Vec<u8>, JsValue> {
     let sd = MODEL
         .with(|m| m.borrow().clone())
@@ -94,8 +96,25 @@ pub async fn run_edit(
         })
         .map_err(js_error)?;
     let editor = Editor::new(&sd, EngineOptions::default());
+    let mut show = |step: usize, img: ::image::RgbImage| {
+        let (Some(f), Ok(png)) = (&on_preview, crate::image::encode_png(&img)) else {
+            return;
+        };
+        let bytes = js_sys::Uint8Array::from(png.as_slice());
+        // A failing preview callback must not stop the edit.
+        let _ = f.call2(&JsValue::NULL, &JsValue::from(step as u32), &bytes);
+    };
+    let mut preview = Preview {
+        every: (edit.steps / 10).max(1),
+        show: &mut show,
+    };
     let out = editor
-        .run(&edit, None, &mut progress_fn(on_progress))
+        .run_with_preview(
+            &edit,
+            None,
+            &mut progress_fn(on_progress),
+            Some(&mut preview),
+        )
         .await
         .map_err(js_error)?;
     let (w, h) = photo.dimensions();

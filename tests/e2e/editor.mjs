@@ -210,7 +210,13 @@ await test("second visit: the model loads from the cache with no weight request"
       await page.locator("dragon-editor button.tool[data-tool=points]").click();
       await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
       await page.locator("dragon-editor").screenshot({ path: join(artifacts, "editor-with-mask-and-points.png") });
+      await page.evaluate(() => {
+        window.__previews = [];
+        document.querySelector("dragon-editor").addEventListener("preview", (e) => window.__previews.push(e.detail.step));
+      });
       const result = await runAndWait(page);
+      const previews = await page.evaluate(() => window.__previews);
+      check(previews.length === 1 && previews[0] === 1, `live previews at steps ${JSON.stringify(previews)}; expected one, after step 1 of 2`);
       check(result.width === 128 && result.height === 128 && result.type === "image/png", `result ${JSON.stringify(result)}`);
       check(!(await page.locator("dragon-editor a.download").isHidden()), "no download link");
     });
