@@ -274,7 +274,7 @@ class DragonEditor extends HTMLElement {
     list.replaceChildren();
     for (const m of models) {
       const li = document.createElement("li");
-      li.textContent = `${m.name}: ${formatBytes(m.size)} `;
+      li.textContent = `${m.name}: ${m.complete ? formatBytes(m.size) : "partly downloaded"} `;
       const del = document.createElement("button");
       del.type = "button";
       del.textContent = "Delete";
