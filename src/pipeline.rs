@@ -13,7 +13,7 @@ use crate::model::folder::{ModelSource, layout};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{KvHook, Unet};
 use crate::model::vae::{Vae, legacy_vae_key};
-use crate::progress::{Phase, Progress, ProgressFn};
+use crate::progress::{Phase, ProgressFn, report};
 use crate::weights::Loader;
 
 /// The four parts of SD 1.5 plus its noise schedule, on one device.
@@ -26,14 +26,6 @@ pub struct StableDiffusion {
     device: Device,
 }
 
-fn cancelled_unless(keep_going: bool) -> Result<()> {
-    if keep_going {
-        Ok(())
-    } else {
-        Err(Error::Cancelled)
-    }
-}
-
 impl StableDiffusion {
     /// Loads every component from `source` onto `device`, computing in `dtype` (F32, or F16
     /// where the device supports it). Weights stream one tensor at a time.
@@ -43,13 +35,7 @@ impl StableDiffusion {
         dtype: DType,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Self> {
-        let mut tick = |step| {
-            cancelled_unless(progress(Progress {
-                phase: Phase::LoadingWeights,
-                step,
-                total: 3,
-            }))
-        };
+        let mut tick = |step| report(progress, Phase::LoadingWeights, step, 3);
         let tokenizer = ClipTokenizer::from_files(
             &source.read_text(layout::VOCAB)?,
             &source.read_text(layout::MERGES)?,
@@ -206,11 +192,7 @@ impl StableDiffusion {
         let z = self
             .sample(z, prompt, guidance_scale, steps, progress)
             .await?;
-        cancelled_unless(progress(Progress {
-            phase: Phase::Decoding,
-            step: 0,
-            total: 1,
-        }))?;
+        report(progress, Phase::Decoding, 0, 1)?;
         Ok(self.decode(z))
     }
 }

@@ -45,13 +45,14 @@ async function store(name, mode = "readonly") {
   return [tx, tx.objectStore(name)];
 }
 
-export async function getModel(id) {
-  const [, s] = await store("models");
-  return done(s.get(id));
+// One record of the "models" or "files" store, or undefined.
+export async function get(name, key) {
+  const [, s] = await store(name);
+  return done(s.get(key));
 }
 
-export async function putModel(record) {
-  const [tx, s] = await store("models", "readwrite");
+export async function put(name, record) {
+  const [tx, s] = await store(name, "readwrite");
   s.put(record);
   return finished(tx);
 }
@@ -59,17 +60,6 @@ export async function putModel(record) {
 export async function listModels() {
   const [, s] = await store("models");
   return done(s.getAll());
-}
-
-export async function getFile(key) {
-  const [, s] = await store("files");
-  return done(s.get(key));
-}
-
-export async function putFile(record) {
-  const [tx, s] = await store("files", "readwrite");
-  s.put(record);
-  return finished(tx);
 }
 
 // The chunk Blobs of a file, in order.
@@ -99,7 +89,7 @@ export async function deleteFile(key) {
 }
 
 export async function deleteModel(id) {
-  const model = await getModel(id);
+  const model = await get("models", id);
   for (const path of model?.files ?? []) await deleteFile(`${id}/${path}`);
   const [tx, s] = await store("models", "readwrite");
   s.delete(id);

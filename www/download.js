@@ -12,6 +12,11 @@ export function fileKey(manifest, path) {
   return `${manifest.id}/${path}`;
 }
 
+// The cache's record of one of the manifest's files, or undefined.
+function fileRecord(manifest, f) {
+  return cache.get("files", fileKey(manifest, f.path));
+}
+
 function fileUrl(manifest, path) {
   return new URL(path, manifest.base.endsWith("/") ? manifest.base : `${manifest.base}/`).href;
 }
@@ -26,7 +31,7 @@ function expectedSize(f) {
 export async function missingBytes(manifest) {
   let missing = 0;
   for (const f of manifest.files) {
-    const rec = await cache.getFile(fileKey(manifest, f.path));
+    const rec = await fileRecord(manifest, f);
     if (!rec?.complete) missing += Math.max(0, expectedSize(f) - (rec?.received ?? 0));
   }
   return missing;
@@ -34,7 +39,7 @@ export async function missingBytes(manifest) {
 
 export async function isCached(manifest) {
   for (const f of manifest.files) {
-    const rec = await cache.getFile(fileKey(manifest, f.path));
+    const rec = await fileRecord(manifest, f);
     if (!rec?.complete) return false;
   }
   return true;
@@ -51,38 +56,38 @@ export async function download(manifest, wasm, report, notice) {
   let before = 0;
   for (const f of manifest.files) {
     for (let attempt = 0; ; attempt++) {
-      const ok = await downloadFile(manifest, f, wasm, (bytes) => report({ bytes: before + bytes, total, file: f.path }));
-      if (ok) break;
+      const size = await downloadFile(manifest, f, wasm, (bytes) => report({ bytes: before + bytes, total, file: f.path }));
+      if (size !== null) {
+        before += size;
+        break;
+      }
       await cache.deleteFile(fileKey(manifest, f.path));
       if (attempt >= 1) {
         throw new Error(`${f.path} failed its SHA-256 check twice; the server sends different bytes than the manifest names. It was discarded.`);
       }
       notice(`${f.path} failed its SHA-256 check and was discarded; downloading it again.`);
     }
-    before += (await cache.getFile(fileKey(manifest, f.path)))?.received ?? expectedSize(f);
   }
-  let size = 0;
-  for (const f of manifest.files) size += (await cache.getFile(fileKey(manifest, f.path)))?.received ?? 0;
-  const record = (await cache.getModel(manifest.id)) ?? {};
-  await cache.putModel({
+  const record = (await cache.get("models", manifest.id)) ?? {};
+  await cache.put("models", {
     ...record,
     id: manifest.id,
     name: manifest.name,
     base: manifest.base,
     files: manifest.files.map((f) => f.path),
-    size,
+    size: before,
     added: record.added ?? Date.now(),
   });
 }
 
-// Downloads one file (resuming what the cache holds). Returns false when the finished file
-// does not match its SHA-256.
+// Downloads one file (resuming what the cache holds). Returns its size in bytes, or null when
+// the finished file does not match its SHA-256.
 async function downloadFile(manifest, f, wasm, report) {
   const key = fileKey(manifest, f.path);
-  let rec = await cache.getFile(key);
+  let rec = await cache.get("files", key);
   if (rec?.complete) {
     report(rec.received);
-    return true;
+    return rec.received;
   }
   rec ??= { key, model: manifest.id, path: f.path, received: 0, chunks: 0, complete: false };
   const hasher = new wasm.Sha256Stream();
@@ -150,16 +155,16 @@ async function downloadFile(manifest, f, wasm, report) {
   }
   const digest = hasher.finish();
   hasher.free();
-  if (f.sha256 && digest !== f.sha256.toLowerCase()) return false;
-  await cache.putFile({ ...rec, sha256: digest, verified: Boolean(f.sha256) });
-  return true;
+  if (f.sha256 && digest !== f.sha256.toLowerCase()) return null;
+  await cache.put("files", { ...rec, sha256: digest, verified: Boolean(f.sha256) });
+  return rec.received;
 }
 
 // The cached files of a model as a Map of path → Blob, for the engine.
 export async function cachedFiles(manifest) {
   const files = new Map();
   for (const f of manifest.files) {
-    const rec = await cache.getFile(fileKey(manifest, f.path));
+    const rec = await fileRecord(manifest, f);
     if (!rec?.complete) throw new Error(`${f.path} is not in the cache; download the model first`);
     files.set(f.path, new Blob(await cache.chunks(fileKey(manifest, f.path))));
   }

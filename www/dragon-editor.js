@@ -305,7 +305,7 @@ class DragonEditor extends HTMLElement {
       this.$(".drop").hidden = true;
       this.$(".download").hidden = true;
       if (note) this.notice(note);
-      this.say(this.ready ? "Ready." : this.$(".message").textContent, this.ready ? "ok" : this.$(".message").dataset.state);
+      if (this.ready) this.say("Ready.", "ok");
       this.updateButtons();
     } catch (e) {
       this.fail(e);

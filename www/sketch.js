@@ -134,8 +134,13 @@ export class Sketch {
     return [((e.clientX - r.left) / r.width) * this.overlay.width, ((e.clientY - r.top) / r.height) * this.overlay.height];
   }
 
+  // Canvas pixels per CSS pixel: brush sizes and hit radii are given in CSS pixels.
+  pixelScale() {
+    return this.overlay.width / Math.max(1, this.overlay.getBoundingClientRect().width);
+  }
+
   hit(p) {
-    const scale = this.overlay.width / this.overlay.getBoundingClientRect().width;
+    const scale = this.pixelScale();
     let best = null;
     this.points.forEach((pair, i) => {
       for (const end of ["handle", "target"]) {
@@ -193,7 +198,7 @@ export class Sketch {
 
   paint(a, b) {
     const ctx = this.maskCanvas.getContext("2d");
-    const scale = this.overlay.width / Math.max(1, this.overlay.getBoundingClientRect().width);
+    const scale = this.pixelScale();
     ctx.globalCompositeOperation = this.drag.erase ? "destination-out" : "source-over";
     ctx.strokeStyle = "rgb(255, 40, 80)";
     ctx.lineWidth = this.brushSize * scale;

@@ -8,6 +8,8 @@ import { cachedFiles, download, isCached, missingBytes } from "./download.js";
 
 const ready = init({ module_or_path: new URL("../dragonedit_bg.wasm", import.meta.url) });
 let cancelRequested = false;
+// Requests that run one at a time, and what the worker is doing while they run.
+const LONG_REQUESTS = { download: "downloading", load: "loading the model", edit: "editing" };
 let busy = null;
 let loadedModel = null;
 // Set when the wasm module trapped (a panic, a lost GPU device): its state cannot be trusted.
@@ -19,7 +21,7 @@ function post(message, transfer = []) {
 
 // Manifests are fetched once and kept with the cached model, so a later visit works offline.
 async function resolveManifest(source) {
-  const cached = await cache.getModel(source);
+  const cached = await cache.get("models", source);
   if (cached?.manifest && (await isCached(cached.manifest))) return cached.manifest;
   const url = source.endsWith(".json") ? source : `${source.replace(/\/$/, "")}/dragonedit-manifest.json`;
   let response;
@@ -40,7 +42,7 @@ async function resolveManifest(source) {
     requirements: m.requirements ?? {},
     files: m.files,
   };
-  await cache.putModel({ ...(cached ?? {}), id: source, name: manifest.name, manifest, files: manifest.files.map((f) => f.path) });
+  await cache.put("models", { ...(cached ?? {}), id: source, name: manifest.name, manifest, files: manifest.files.map((f) => f.path) });
   return manifest;
 }
 
@@ -138,12 +140,12 @@ self.onmessage = async (event) => {
     post({ type: "error", id: msg.id, message: `unknown request ${msg.type}` });
     return;
   }
-  const long = ["download", "load", "edit"].includes(msg.type);
+  const long = LONG_REQUESTS[msg.type];
   if (long && busy) {
     post({ type: "error", id: msg.id, message: `still ${busy}; wait for it or cancel it first` });
     return;
   }
-  if (long) busy = msg.type === "edit" ? "editing" : msg.type === "load" ? "loading the model" : "downloading";
+  if (long) busy = long;
   try {
     const result = await handler(msg);
     const transfer = result.png ? [result.png.buffer] : [];

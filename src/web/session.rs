@@ -19,11 +19,7 @@ thread_local! {
 }
 
 fn js_error(e: Error) -> JsValue {
-    let text = match &e {
-        Error::Cancelled => "cancelled".to_string(),
-        other => other.to_string(),
-    };
-    js_sys::Error::new(&text).into()
+    js_sys::Error::new(&e.to_string()).into()
 }
 
 /// Calls `on_progress({phase, step, total})`; a `false` return cancels.

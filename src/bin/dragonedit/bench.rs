@@ -14,7 +14,7 @@ use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device};
 
-use crate::run::{Bar, load_dir, load_source, open_device};
+use crate::run::{Bar, load_dir, load_source, open_device, read_values};
 
 /// What `bench` measures and how.
 #[derive(clap::Args)]
@@ -219,14 +219,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let z = sd.noise(1, (lh, lw));
     let mut rows = Vec::new();
 
-    let read = |t: Tensor<4>| -> Result<()> {
-        t.sum()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        Ok(())
-    };
+    // Reading one value back makes the device finish the work behind it.
+    let read = |t: Tensor<4>| -> Result<()> { read_values(t.sum()).map(|_| ()) };
     rows.push(measure(
         &format!("UNet forward, batch 1, {lh}x{lw} latent"),
         &device,
