@@ -62,7 +62,12 @@ impl StableDiffusion {
         let vae_config =
             VaeConfig::parse(layout::VAE_CONFIG, &source.read_text(layout::VAE_CONFIG)?)?;
         let mut reader = source.open_first(layout::VAE_WEIGHTS)?;
-        let mut w = Loader::new(reader.as_mut(), device, dtype).with_alias(legacy_vae_key);
+        let vae_dtype = if vae_config.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let mut w = Loader::new(reader.as_mut(), device, vae_dtype).with_alias(legacy_vae_key);
         let vae = Vae::load(&vae_config, &mut w)?;
         w.finish(&[])?;
         drop(reader);

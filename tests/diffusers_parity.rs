@@ -236,3 +236,70 @@ on_both_backends!(text_encoder, unet, bk_unet, vae);
 fn ddim_on_cpu() {
     ddim(&dragonedit::device::cpu(), CPU_TOL);
 }
+
+/// The same goldens with the model computing in f16 (the `--f16` path): the weights are f16
+/// values already, so only the arithmetic rounds. f16 keeps 11 significant bits (4.9e-4
+/// relative per operation); measured: text 9e-4 (CPU) and 1.4e-3 (lavapipe), UNet 2.7e-3 and
+/// 7.8e-3, so 2e-2 bounds it, while a model silently left in f32 (1e-6) or a wrong layer
+/// (order 1) would be told apart.
+fn f16(device: &Device) {
+    if !device.supports_dtype(DType::F16) {
+        println!("SKIPPED f16: the device has no f16");
+        return;
+    }
+    let mut source = DirSource::new(common::tiny_model_dir()).expect("tiny model folder");
+    let sd = StableDiffusion::load(&mut source, device, DType::F16, &mut |_| true)
+        .expect("loads in f16");
+    assert_eq!(
+        sd.unet.up_block_features(
+            golden("unet.npz", "x").tensor(device),
+            981.0,
+            &context(&sd),
+            0
+        )[0]
+        .dtype(),
+        DType::F32,
+        "models hand f32 back"
+    );
+    let got = sd
+        .encode_prompts(&["", "a photo of a cat", "a red cup on a wooden table"])
+        .expect("encodes");
+    assert_close(
+        "f16 text hidden states",
+        &values(got),
+        &golden("text.npz", "hidden").values,
+        F16_TOL,
+    );
+    let context = context(&sd);
+    let x: Tensor<4> = golden("unet.npz", "x").tensor(device);
+    let eps = sd.unet.forward(x, 981.0, &context, &mut NoHook);
+    assert_close(
+        "f16 eps t=981",
+        &values(eps),
+        &golden("unet.npz", "eps_981").values,
+        F16_TOL,
+    );
+    // The VAE stays in f32 (`force_upcast`, as in diffusers), so it keeps the f32 bound.
+    let image: Tensor<4> = golden("vae.npz", "image").tensor(device);
+    let latent = sd.encode_image(image).expect("encodes");
+    assert_close(
+        "VAE encode in an f16 pipeline",
+        &values(latent),
+        &golden("vae.npz", "latent").values,
+        CPU_TOL,
+    );
+}
+
+const F16_TOL: f32 = 2e-2;
+
+#[test]
+fn f16_on_cpu() {
+    f16(&dragonedit::device::cpu());
+}
+
+#[test]
+fn f16_on_gpu() {
+    if let Some(device) = wgpu_device() {
+        f16(&device);
+    }
+}

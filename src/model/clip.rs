@@ -2,11 +2,11 @@
 //! pre-norm transformer layers with a causal mask and quick-GELU, then the final layer norm.
 //! Its last hidden state is the UNet's cross-attention context.
 
-use burn::tensor::{Int, Tensor, TensorData, activation::sigmoid, module::embedding};
+use burn::tensor::{DType, Int, Tensor, TensorData, activation::sigmoid, module::embedding};
 
 use super::attention::AttentionPlan;
 use super::config::ClipConfig;
-use super::nn::{LayerNorm, Linear};
+use super::nn::{LayerNorm, Linear, to_dtype};
 use crate::error::{Error, Result};
 use crate::weights::Loader;
 
@@ -136,6 +136,6 @@ impl ClipTextEncoder {
             let h = layer.norm2.forward(x.clone());
             x = x + layer.fc2.forward(self.activation(layer.fc1.forward(h)));
         }
-        Ok(self.final_norm.forward(x))
+        Ok(to_dtype(self.final_norm.forward(x), DType::F32))
     }
 }

@@ -157,6 +157,10 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "default_scaling")]
     pub scaling_factor: f64,
+    /// diffusers runs this VAE in f32 even in an f16 pipeline (its default, and what SD 1.5's
+    /// config says): the decoder's activations overflow f16 and come out NaN.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {

@@ -5,7 +5,7 @@
 
 use burn::tensor::module::{conv2d, layer_norm, linear};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Tensor, activation};
+use burn::tensor::{DType, Tensor, activation};
 
 use crate::error::Result;
 use crate::weights::Loader;
@@ -160,6 +160,12 @@ impl LayerNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
     }
+}
+
+/// `x` in `dtype`, with no cast op when it already is. The models compute in their weights'
+/// dtype (f16 with `--f16`) and hand f32 back, so latents, schedules and energies stay f32.
+pub fn to_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 /// SiLU, the activation of every SD 1.5 resnet.

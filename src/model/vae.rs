@@ -1,10 +1,10 @@
 //! AutoencoderKL: the encoder (posterior mean x scaling factor) and the decoder.
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use super::attention::AttentionPlan;
 use super::config::VaeConfig;
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, upsample_nearest_2x};
+use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype, upsample_nearest_2x};
 use super::resnet::{ResnetBlock, ResnetSpec};
 use crate::error::Result;
 use crate::weights::Loader;
@@ -112,6 +112,7 @@ struct Stage {
 #[derive(Debug, Clone)]
 pub struct Vae {
     config: VaeConfig,
+    dtype: DType,
     enc_conv_in: Conv2d,
     enc_stages: Vec<Stage>,
     enc_mid: VaeMid,
@@ -206,6 +207,7 @@ impl Vae {
             ConvSpec::k3(ch[0], config.out_channels),
         )?;
         Ok(Self {
+            dtype: w.dtype(),
             config: config.clone(),
             enc_conv_in,
             enc_stages,
@@ -229,7 +231,7 @@ impl Vae {
 
     /// Image in [-1, 1] → latent: the posterior mean times the scaling factor (0.18215).
     pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
-        let mut x = self.enc_conv_in.forward(image);
+        let mut x = self.enc_conv_in.forward(to_dtype(image, self.dtype));
         for stage in &self.enc_stages {
             for r in &stage.resnets {
                 x = r.forward(x, None);
@@ -244,12 +246,12 @@ impl Vae {
             .forward(silu(self.enc_norm_out.forward(x)));
         let moments = self.quant_conv.forward(x);
         let lat = self.config.latent_channels;
-        moments.narrow(1, 0, lat) * self.config.scaling_factor
+        to_dtype(moments.narrow(1, 0, lat), DType::F32) * self.config.scaling_factor
     }
 
     /// Latent → image in [0, 1] (`clamp(x / 2 + 0.5, 0, 1)`).
     pub fn decode(&self, latent: Tensor<4>) -> Tensor<4> {
-        let z = latent / self.config.scaling_factor;
+        let z = to_dtype(latent / self.config.scaling_factor, self.dtype);
         let x = self.dec_conv_in.forward(self.post_quant_conv.forward(z));
         let mut x = self.dec_mid.forward(x, &self.attention);
         for stage in &self.dec_stages {
@@ -263,7 +265,7 @@ impl Vae {
         let x = self
             .dec_conv_out
             .forward(silu(self.dec_norm_out.forward(x)));
-        (x / 2.0 + 0.5).clamp(0.0, 1.0)
+        (to_dtype(x, DType::F32) / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 }
 

@@ -108,14 +108,15 @@ impl<'a> Loader<'a> {
         Ok(t)
     }
 
+    /// The compute dtype every loaded tensor gets.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn upload<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
-        let data = TensorData::new(values, shape);
-        let data = if self.dtype == DType::F32 {
-            data
-        } else {
-            data.convert_dtype(self.dtype)
-        };
-        Tensor::from_data(data, &self.device)
+        // The dtype must be named here: `from_data` alone converts to the device's default
+        // (f32), which would silently undo `--f16`.
+        Tensor::from_data(TensorData::new(values, shape), (&self.device, self.dtype))
     }
 
     /// Loads `key`, which must have exactly `shape`.

@@ -93,8 +93,13 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) -> f
 }
 
 pub fn load_tiny(device: &Device) -> StableDiffusion {
+    load_tiny_as(device, DType::F32)
+}
+
+/// The tiny model computing in `dtype` (F16 is the `--f16` path).
+pub fn load_tiny_as(device: &Device, dtype: DType) -> StableDiffusion {
     let mut source = DirSource::new(tiny_model_dir()).expect("tiny model folder");
-    StableDiffusion::load(&mut source, device, DType::F32, &mut |_| true).expect("tiny model loads")
+    StableDiffusion::load(&mut source, device, dtype, &mut |_| true).expect("tiny model loads")
 }
 
 /// The wgpu device for parity tests, or `None` (with the reason printed) when this machine has

@@ -12,7 +12,7 @@ use self::blocks::{DownBlock, MidBlock, UpBlock};
 pub use self::hooks::{CaptureKv, DecoderAttention, KvHook, NoHook};
 use super::attention::AttentionPlan;
 use super::config::UnetConfig;
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu};
+use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype};
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -99,8 +99,7 @@ impl Unet {
             }
         }
         let values: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
-        let data = TensorData::new(values, [batch, dim]).convert_dtype(self.dtype);
-        Tensor::from_data(data, device)
+        Tensor::from_data(TensorData::new(values, [batch, dim]), (device, self.dtype))
     }
 
     /// Runs the UNet up to and including up block `last_up` and returns each up block's output
@@ -116,6 +115,8 @@ impl Unet {
         head: bool,
     ) -> Vec<Tensor<4>> {
         hook.begin_pass();
+        let latent = to_dtype(latent, self.dtype);
+        let context = &to_dtype(context.clone(), self.dtype);
         let device = latent.device();
         let batch = latent.dims()[0];
         let t = self.timestep_features(timestep, batch, &device);
@@ -154,9 +155,10 @@ impl Unet {
         hook: &mut dyn KvHook,
     ) -> Tensor<4> {
         let mut outputs = self.run(latent, timestep, context, hook, self.up.len() - 1, true);
-        outputs
+        let eps = outputs
             .pop()
-            .expect("run() with the last up block returns the head output")
+            .expect("run() with the last up block returns the head output");
+        to_dtype(eps, DType::F32)
     }
 
     /// The truncated forward of the guidance (ALGORITHM.md §3): stops after `up_blocks.2` and
@@ -172,6 +174,9 @@ impl Unet {
         let mut outputs = self.run(latent, timestep, context, &mut NoHook, last, false);
         outputs.truncate(last + 1);
         outputs
+            .into_iter()
+            .map(|x| to_dtype(x, DType::F32))
+            .collect()
     }
 
     /// Runs every decoder block (not the output head) so that `hook` sees the K/V of every
