@@ -138,6 +138,9 @@ fn default_files(agent: &ureq::Agent, base: &str) -> Result<Vec<ManifestFile>> {
     Ok(files)
 }
 
+/// Attempts per file before giving up; each later attempt resumes where the last one stopped.
+const ATTEMPTS: u32 = 4;
+
 fn fetch_file(agent: &ureq::Agent, base: &str, dir: &Path, file: &ManifestFile) -> Result<()> {
     if file.path.contains("..") || file.path.starts_with('/') {
         bail!("refusing manifest path {:?}", file.path);
@@ -150,58 +153,28 @@ fn fetch_file(agent: &ureq::Agent, base: &str, dir: &Path, file: &ManifestFile) 
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     let part = dest.with_extension("part");
-    let have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     let url = format!("{base}/{}", file.path);
-    let mut request = agent.get(&url);
-    if have > 0 {
-        request = request.set("Range", &format!("bytes={have}-"));
-    }
-    let resp = request
-        .call()
-        .with_context(|| format!("downloading {url}"))?;
-    let resumed = resp.status() == 206;
-    let start = if resumed { have } else { 0 };
-    let total = resp
-        .header("Content-Length")
-        .and_then(|l| l.parse::<u64>().ok())
-        .map(|l| l + start);
-    let mut out = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resumed)
-        .truncate(!resumed)
-        .open(&part)
-        .with_context(|| format!("opening {}", part.display()))?;
-    let bar = ProgressBar::new(total.unwrap_or(0));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(file.path.clone());
-    bar.set_position(start);
-    let mut reader = resp.into_reader();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).with_context(|| {
-            format!("connection lost while downloading {url}; run again to resume")
-        })?;
-        if n == 0 {
-            break;
+    for attempt in 1..=ATTEMPTS {
+        match transfer(agent, &url, &part, &file.path) {
+            Ok(()) => break,
+            Err(Transfer::Fatal(e)) => return Err(e),
+            Err(Transfer::Interrupted(e)) if attempt == ATTEMPTS => {
+                return Err(e.context(format!(
+                    "gave up on {url} after {ATTEMPTS} attempts; run again to resume"
+                )));
+            }
+            Err(Transfer::Interrupted(e)) => {
+                let wait = std::time::Duration::from_millis(500 << attempt);
+                eprintln!(
+                    "{}: {e:#}; resuming in {:.0?} (attempt {} of {ATTEMPTS})",
+                    file.path,
+                    wait,
+                    attempt + 1
+                );
+                std::thread::sleep(wait);
+            }
         }
-        out.write_all(&buf[..n]).with_context(|| {
-            format!(
-                "writing {} (is the disk full?); run again to resume",
-                part.display()
-            )
-        })?;
-        bar.inc(n as u64);
     }
-    out.flush()?;
-    drop(out);
-    bar.finish();
     if let Some(expected) = &file.sha256 {
         let actual = sha256_file(&part)?;
         if !actual.eq_ignore_ascii_case(expected) {
@@ -214,6 +187,109 @@ fn fetch_file(agent: &ureq::Agent, base: &str, dir: &Path, file: &ManifestFile) 
     }
     fs::rename(&part, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     Ok(())
+}
+
+/// Why one attempt at a file ended early: worth resuming (the connection dropped, the server
+/// hiccuped) or not (the file is missing, the disk is full).
+enum Transfer {
+    Interrupted(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// One attempt: appends to `part` from where it ends (HTTP Range), or starts it afresh when the
+/// server ignores the range.
+fn transfer(agent: &ureq::Agent, url: &str, part: &Path, name: &str) -> Result<(), Transfer> {
+    let have = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let mut request = agent.get(url);
+    if have > 0 {
+        request = request.set("Range", &format!("bytes={have}-"));
+    }
+    let resp = match request.call() {
+        Ok(resp) => resp,
+        // The part is already whole (a crash after the last byte) or longer than the file:
+        // start over rather than trust it.
+        Err(ureq::Error::Status(416, _)) => {
+            fs::remove_file(part).ok();
+            return Err(Transfer::Interrupted(anyhow::anyhow!(
+                "the server refused to resume at byte {have}"
+            )));
+        }
+        Err(ureq::Error::Status(code, _)) if code >= 500 || code == 429 => {
+            return Err(Transfer::Interrupted(anyhow::anyhow!(
+                "{url} answered HTTP {code}"
+            )));
+        }
+        Err(ureq::Error::Status(code, _)) => {
+            return Err(Transfer::Fatal(anyhow::anyhow!(
+                "{url} answered HTTP {code}; check the model URL"
+            )));
+        }
+        Err(e) => return Err(Transfer::Interrupted(anyhow::anyhow!("{e}"))),
+    };
+    let resumed = resp.status() == 206 && content_range_start(&resp) == Some(have);
+    let start = if resumed { have } else { 0 };
+    let total = resp
+        .header("Content-Length")
+        .and_then(|l| l.parse::<u64>().ok())
+        .map(|l| l + start);
+    let fatal = |e: std::io::Error| {
+        Transfer::Fatal(anyhow::anyhow!(
+            "writing {}: {e} (is the disk full?); free some space and run again to resume",
+            part.display()
+        ))
+    };
+    let mut out = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(part)
+        .map_err(fatal)?;
+    let bar = ProgressBar::new(total.unwrap_or(0));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(name.to_string());
+    bar.set_position(start);
+    let mut reader = resp.into_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = start;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                bar.abandon();
+                return Err(Transfer::Interrupted(anyhow::anyhow!(
+                    "connection lost at byte {written}: {e}"
+                )));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(fatal)?;
+        written += n as u64;
+        bar.inc(n as u64);
+    }
+    out.flush().map_err(fatal)?;
+    if let Some(total) = total.filter(|&t| t != written) {
+        bar.abandon();
+        return Err(Transfer::Interrupted(anyhow::anyhow!(
+            "the transfer ended at byte {written} of {total}"
+        )));
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// The first byte of a 206 answer (`Content-Range: bytes START-END/TOTAL`).
+fn content_range_start(resp: &ureq::Response) -> Option<u64> {
+    let range = resp.header("Content-Range")?.strip_prefix("bytes ")?;
+    range.split('-').next()?.trim().parse().ok()
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
