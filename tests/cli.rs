@@ -267,6 +267,7 @@ fn bench_prints_a_table_row_per_workload() {
         "whole edit: face_landmarks",
         "whole edit: appearance",
         "whole edit: paste",
+        "second edit of the same photo",
     ];
     assert_eq!(rows.len(), names.len(), "{stdout}");
     for (row, name) in rows.iter().zip(names) {

@@ -9,9 +9,10 @@ use ::image::{Rgb, RgbImage};
 use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use dragonedit::edit::{
-    BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, Preview, guidance,
+    BankPolicy, Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, InversionCache, Preview,
+    guidance,
 };
-use dragonedit::{Error, Phase};
+use dragonedit::{Error, Phase, Progress};
 use pollster::block_on;
 
 fn read(case: &str, name: &str) -> Vec<u8> {
@@ -410,4 +411,76 @@ fn previews_arrive_every_few_steps_and_leave_the_edit_unchanged() {
     assert_eq!(shown, vec![(2, (16, 16)), (4, (16, 16))]);
     let without = run(&editor, &e).expect("runs");
     assert_eq!(values(with.final_latent), values(without.final_latent));
+}
+
+/// A second edit of the same photo reuses the kept inversion: no inversion step is reported,
+/// and the result is what a fresh inversion gives (bit for bit, for both bank policies and a
+/// cross-image mode). A new prompt, photo or step count inverts again.
+#[test]
+fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    for (name, case, json) in mode_specs() {
+        if !["move", "paste"].contains(&name) {
+            continue;
+        }
+        for bank in [BankPolicy::Recompute, BankPolicy::Store] {
+            let editor = Editor::new(
+                &sd,
+                EngineOptions {
+                    bank,
+                    fidelity: Fidelity::default(),
+                },
+            );
+            let json = json.replace("\"resolution\": 128", "\"resolution\": 128, \"steps\": 6");
+            let first = edit(&json, case);
+            let mut cache = InversionCache::default();
+            let mut inverting = 0;
+            let mut count = |p: Progress| {
+                if p.phase == Phase::Inverting && p.step < p.total {
+                    inverting += 1;
+                }
+                true
+            };
+            let run_cached =
+                |e: &Edit, cache: &mut InversionCache, count: &mut dyn FnMut(Progress) -> bool| {
+                    block_on(editor.run_reusing(e, cache, None, count, None)).expect("runs")
+                };
+            let a = run_cached(&first, &mut cache, &mut count);
+            // Same photo and prompt, another edit of it: a moved arrow or offset.
+            let moved = json
+                .replace("[72, 72]", "[60, 70]")
+                .replace("[-54, 32]", "[-40, 30]");
+            let second = edit(&moved, case);
+            let b = run_cached(&second, &mut cache, &mut count);
+            assert_eq!(cache.hits(), 1, "{name} {bank:?}: the second edit reused");
+            assert_eq!(
+                inverting, 6,
+                "{name} {bank:?}: only the first edit inverted"
+            );
+            let fresh = run(&editor, &second).expect("runs");
+            let fresh = values(fresh.final_latent);
+            assert_eq!(values(b.final_latent), fresh);
+            assert_ne!(
+                values(a.final_latent),
+                fresh,
+                "the second edit is another edit"
+            );
+
+            let mut reprompted = second.clone();
+            reprompted.prompt.push_str(" at dusk");
+            let mut restepped = second.clone();
+            restepped.steps = 4;
+            let mut repainted = second.clone();
+            repainted.image.put_pixel(0, 0, Rgb([1, 2, 3]));
+            for e in [reprompted, restepped, repainted] {
+                run_cached(&e, &mut cache, &mut |_| true);
+            }
+            assert_eq!(
+                cache.hits(),
+                1,
+                "{name} {bank:?}: changed inputs inverted again"
+            );
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 use burn::tensor::Tensor;
 use image::{RgbImage, imageops::FilterType};
+use sha2::{Digest, Sha256};
 
 use super::bank::{BankEntry, BankInjection, BankPolicy, TokenMasks};
 use super::guidance::{self, Guidance};
@@ -70,6 +71,7 @@ pub struct EditOutput {
 
 /// The inversion of one photo (and reference image): what a second edit of the same inputs
 /// can reuse.
+#[derive(Clone)]
 pub struct Inversion {
     /// `steps + 1` latents `[B, 4, h, w]`.
     pub latents: Vec<Tensor<4>>,
@@ -77,6 +79,66 @@ pub struct Inversion {
     pub context: Tensor<3>,
     /// Stored bank entries by editing step, when the policy stores them.
     pub bank: Option<Vec<Option<BankEntry>>>,
+}
+
+/// The last inversion and a digest of everything it depends on, so that a second edit of the
+/// same photo with the same prompts and settings skips its inversion passes (in the reference
+/// timings, 2.0 s of an 8.9 s edit). The owner keeps one per loaded model and clears it when
+/// the model changes.
+#[derive(Default)]
+pub struct InversionCache {
+    entry: Option<([u8; 32], Inversion)>,
+    hits: usize,
+}
+
+impl InversionCache {
+    /// Forgets the kept inversion (and the device memory it holds).
+    pub fn clear(&mut self) {
+        self.entry = None;
+    }
+
+    /// How many edits reused the kept inversion.
+    pub fn hits(&self) -> usize {
+        self.hits
+    }
+}
+
+/// What an inversion depends on: the input images (before resizing), the working size, the
+/// reference image's scale, the inversion prompts, the step count, and which bank entries are
+/// recorded. The model is the cache owner's business.
+fn inversion_key(edit: &Edit, plan: &EditPlan, bank: BankPolicy) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut image = |img: &RgbImage| {
+        h.update(img.width().to_le_bytes());
+        h.update(img.height().to_le_bytes());
+        h.update(img.as_raw());
+    };
+    image(&edit.image);
+    if plan.inversion_batch() == 2
+        && let Some(reference) = &edit.reference
+    {
+        image(reference);
+    }
+    let (wh, ww) = plan.spaces.working;
+    for n in [wh, ww, plan.steps] {
+        h.update((n as u64).to_le_bytes());
+    }
+    h.update(plan.reference_scale.to_le_bytes());
+    let prompts: &[&str] = if plan.inversion_batch() == 2 {
+        &[&edit.prompt, &edit.reference_prompt]
+    } else {
+        &[&edit.prompt]
+    };
+    for p in prompts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.update([u8::from(bank == BankPolicy::Store)]);
+    if bank == BankPolicy::Store {
+        let wanted: Vec<u8> = (0..plan.steps).map(|i| u8::from(plan.injects(i))).collect();
+        h.update(wanted);
+    }
+    h.finalize().into()
 }
 
 /// Records the decoder self-attention K/V of the inversion passes whose editing step the
@@ -227,12 +289,36 @@ impl<'a> Editor<'a> {
     pub async fn run_with_preview(
         &self,
         edit: &Edit,
+        trace: Option<&mut Trace>,
+        progress: &mut ProgressFn<'_>,
+        preview: Option<&mut Preview<'_>>,
+    ) -> Result<EditOutput> {
+        let mut cache = InversionCache::default();
+        self.run_reusing(edit, &mut cache, trace, progress, preview)
+            .await
+    }
+
+    /// [`Editor::run_with_preview`], taking the inversion from `cache` when it was made from
+    /// the same inputs, and leaving this edit's inversion there for the next one.
+    pub async fn run_reusing(
+        &self,
+        edit: &Edit,
+        cache: &mut InversionCache,
         mut trace: Option<&mut Trace>,
         progress: &mut ProgressFn<'_>,
         preview: Option<&mut Preview<'_>>,
     ) -> Result<EditOutput> {
         let plan = self.plan(edit)?;
-        let inversion = self.invert(edit, &plan, progress).await?;
+        let key = inversion_key(edit, &plan, self.options.bank);
+        let inversion = match cache.entry.take() {
+            Some((k, inversion)) if k == key => {
+                cache.hits += 1;
+                report(progress, Phase::Inverting, plan.steps, plan.steps)?;
+                inversion
+            }
+            _ => self.invert(edit, &plan, progress).await?,
+        };
+        let inversion = &cache.entry.insert((key, inversion)).1;
         let context = self.sd.encode_prompts(&["", &edit.prompt])?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.inversion_latents = inversion.latents.clone();
@@ -240,7 +326,7 @@ impl<'a> Editor<'a> {
             tr.inversion_text_embeddings = Some(inversion.context.clone());
         }
         let z = self
-            .sample(&plan, &inversion, &context, trace, progress, preview)
+            .sample(&plan, inversion, &context, trace, progress, preview)
             .await?;
         report(progress, Phase::Decoding, 0, 1)?;
         let image = self.sd.decode(z.clone());

@@ -13,6 +13,6 @@ pub mod plan;
 pub mod spec;
 
 pub use bank::BankPolicy;
-pub use engine::{EditOutput, Editor, EngineOptions, Inversion, Preview, Trace};
+pub use engine::{EditOutput, Editor, EngineOptions, Inversion, InversionCache, Preview, Trace};
 pub use plan::{EditPlan, Fidelity};
 pub use spec::{Edit, EditSpec, ModeKind};

@@ -10,12 +10,14 @@ use wasm_bindgen::prelude::*;
 
 use super::blob_source::BlobFolder;
 use crate::StableDiffusion;
-use crate::edit::{EditSpec, Editor, EngineOptions, Preview};
+use crate::edit::{EditSpec, Editor, EngineOptions, InversionCache, Preview};
 use crate::error::Error;
 use crate::progress::Progress;
 
 thread_local! {
     static MODEL: RefCell<Option<Rc<StableDiffusion>>> = const { RefCell::new(None) };
+    /// The last edit's inversion: a second edit of the same photo skips it.
+    static INVERSION: RefCell<InversionCache> = RefCell::new(InversionCache::default());
 }
 
 fn js_error(e: Error) -> JsValue {
@@ -42,6 +44,7 @@ pub async fn load_model(files: js_sys::Map, on_progress: js_sys::Function) -> Re
     let device = super::device().await?;
     let mut folder = BlobFolder::from_map(&files).map_err(js_error)?;
     MODEL.with(|m| m.borrow_mut().take());
+    INVERSION.with(|c| c.borrow_mut().clear());
     let sd = StableDiffusion::load(
         &mut folder,
         &device,
@@ -104,15 +107,20 @@ pub async fn run_edit(
         every: (edit.steps / 10).max(1),
         show: &mut show,
     };
+    // Taken out for the edit (it is awaited across steps) and put back after, whatever the
+    // outcome; the worker runs one edit at a time.
+    let mut cache = INVERSION.with(|c| std::mem::take(&mut *c.borrow_mut()));
     let out = editor
-        .run_with_preview(
+        .run_reusing(
             &edit,
+            &mut cache,
             None,
             &mut progress_fn(on_progress),
             Some(&mut preview),
         )
-        .await
-        .map_err(js_error)?;
+        .await;
+    INVERSION.with(|c| *c.borrow_mut() = cache);
+    let out = out.map_err(js_error)?;
     let (w, h) = photo.dimensions();
     crate::image::encode_png(&crate::image::resized(&out.image, w, h)).map_err(js_error)
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
-use dragonedit::edit::{EditSpec, Editor, EngineOptions, guidance};
+use dragonedit::edit::{EditSpec, Editor, EngineOptions, InversionCache, guidance};
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device};
@@ -280,6 +280,19 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 },
             )?);
         }
+        // The same move edit again on the same photo: the kept inversion is reused, so this
+        // row against the first whole-edit row is what a second drag of one photo saves.
+        let mut cache = InversionCache::default();
+        block_on(editor.run_reusing(&move_edit, &mut cache, None, &mut |_| true, None))?;
+        rows.push(measure(
+            &format!("second edit of the same photo: move, inversion reused ({steps} steps)"),
+            &device,
+            runs,
+            || {
+                block_on(editor.run_reusing(&move_edit, &mut cache, None, &mut |_| true, None))?;
+                Ok(())
+            },
+        )?);
     }
 
     println!(
