@@ -221,6 +221,21 @@ await test("second visit: the model loads from the cache with no weight request"
       check(!(await page.locator("dragon-editor a.download").isHidden()), "no download link");
     });
 
+    await test("undo, add a point pair, run again: the photo's inversion is reused", async () => {
+      await page.locator("dragon-editor button.undo-edit").click();
+      await dragOnPhoto(page, [0.3, 0.7], [0.35, 0.65]);
+      await page.evaluate(() => {
+        window.__phases = [];
+        document.querySelector("dragon-editor").addEventListener("progress", (e) => window.__phases.push(e.detail));
+      });
+      const result = await runAndWait(page);
+      const phases = await page.evaluate(() => window.__phases);
+      const inverting = phases.filter((p) => p.phase === "inverting" && p.step < p.total);
+      check(inverting.length === 0, `inversion steps on the second edit of one photo: ${JSON.stringify(inverting)}`);
+      check(phases.some((p) => p.phase === "editing"), `no editing progress: ${JSON.stringify(phases)}`);
+      check(result.width === 128 && result.height === 128, `result ${JSON.stringify(result)}`);
+    });
+
     await test("move edit on the result, then undo back to the original", async () => {
       await page.locator("dragon-editor select.mode").selectOption("move");
       await dragOnPhoto(page, [0.3, 0.3], [0.6, 0.6], 12);
