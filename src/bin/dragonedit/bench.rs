@@ -293,6 +293,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 Ok(())
             },
         )?);
+        anyhow::ensure!(
+            cache.hits() == runs + 1,
+            "the second edit inverted again ({} reuses in {} runs)",
+            cache.hits(),
+            runs + 1
+        );
     }
 
     println!(
