@@ -77,7 +77,7 @@ impl StableDiffusion {
             UnetConfig::parse(layout::UNET_CONFIG, &source.read_text(layout::UNET_CONFIG)?)?;
         let mut reader = source.open_first(layout::UNET_WEIGHTS)?;
         let mut w = Loader::new(reader.as_mut(), device, dtype);
-        let unet = Unet::load(&unet_config, &mut w, dtype)?;
+        let unet = Unet::load(&unet_config, &mut w)?;
         w.finish(&[])?;
         drop(reader);
         tick(3)?;

@@ -44,7 +44,7 @@ fn load_bk_unet(device: &Device) -> Unet {
     .expect("BK config parses");
     let mut reader = source.open_first(layout::UNET_WEIGHTS).expect("weights");
     let mut w = Loader::new(reader.as_mut(), device, DType::F32);
-    let unet = Unet::load(&config, &mut w, DType::F32).expect("BK UNet loads");
+    let unet = Unet::load(&config, &mut w).expect("BK UNet loads");
     w.finish(&[]).expect("no key left over");
     unet
 }
@@ -91,12 +91,16 @@ fn schedule_matches_ddim_scheduler() {
 }
 
 fn text_encoder(device: &Device, tol: f32) {
-    let sd = load_tiny(device);
+    check_text(&load_tiny(device), "text hidden states", tol);
+}
+
+/// The hidden states of the three encoded golden prompts.
+fn check_text(sd: &StableDiffusion, what: &str, tol: f32) {
     let got = sd
         .encode_prompts(&["", "a photo of a cat", "a red cup on a wooden table"])
         .expect("encodes");
     assert_close(
-        "text hidden states",
+        what,
         &values(got),
         &golden("text.npz", "hidden").values,
         tol,
@@ -261,15 +265,7 @@ fn f16(device: &Device) {
         DType::F32,
         "models hand f32 back"
     );
-    let got = sd
-        .encode_prompts(&["", "a photo of a cat", "a red cup on a wooden table"])
-        .expect("encodes");
-    assert_close(
-        "f16 text hidden states",
-        &values(got),
-        &golden("text.npz", "hidden").values,
-        F16_TOL,
-    );
+    check_text(&sd, "f16 text hidden states", F16_TOL);
     let context = context(&sd);
     let x: Tensor<4> = golden("unet.npz", "x").tensor(device);
     let eps = sd.unet.forward(x, 981.0, &context, &mut NoHook);

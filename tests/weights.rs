@@ -217,7 +217,7 @@ fn the_unet_streams_one_tensor_at_a_time() {
     .expect("config parses");
     let device = dragonedit::device::cpu();
     let mut w = Loader::new(&mut reader, &device, DType::F32);
-    Unet::load(&config, &mut w, DType::F32).expect("loads");
+    Unet::load(&config, &mut w).expect("loads");
     w.finish(&[]).expect("every tensor used");
     // No read is larger than the largest tensor (or the header), far below the whole file.
     assert!(largest_read.get() <= largest_tensor.max(200_000));

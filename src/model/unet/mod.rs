@@ -35,7 +35,7 @@ pub struct Unet {
 
 impl Unet {
     /// Builds the UNet from `unet/diffusion_pytorch_model.safetensors` keys.
-    pub fn load(config: &UnetConfig, w: &mut Loader, dtype: DType) -> Result<Self> {
+    pub fn load(config: &UnetConfig, w: &mut Loader) -> Result<Self> {
         let c0 = config.block_out_channels[0];
         let temb = config.time_embed_dim();
         let time_linear_1 = Linear::load(w, "time_embedding.linear_1", c0, temb, true)?;
@@ -61,7 +61,7 @@ impl Unet {
         let conv_out = Conv2d::load(w, "conv_out", ConvSpec::k3(c0, config.out_channels))?;
         Ok(Self {
             config: config.clone(),
-            dtype,
+            dtype: w.dtype(),
             time_linear_1,
             time_linear_2,
             conv_in,
