@@ -12,7 +12,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 WASM_BINDGEN_VERSION="$(grep -A1 '^name = "wasm-bindgen"$' "$ROOT/Cargo.lock" | sed -n 's/version = "\(.*\)"/\1/p')"
 TRUNK_VERSION="0.21.14"
 
-log() { printf '\n== %s\n' "$*"; }
+log() { printf '\n== %s [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 need_apt() {
   local missing=()
