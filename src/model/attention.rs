@@ -112,6 +112,65 @@ impl AttentionPlan {
         };
         out.reshape([b, h, nq, dv])
     }
+
+    /// The gradients of [`attend`](Self::attend) (not causal) with respect to `q`, `k` and `v`,
+    /// given its output `o` and the gradient `g` arriving at it, recomputing the scores chunk by
+    /// chunk. Under burn's autodiff every score chunk of a layer stays alive until the backward
+    /// pass (about three score-sized tensors per head, BURN.md §3); here at most one chunk's
+    /// scores exist at a time, so a 64x64 self-attention needs tens of MiB, not gigabytes.
+    pub fn attend_pullback(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        o: Tensor<4>,
+        g: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, h, nq, d] = q.dims();
+        let nk = k.dims()[2];
+        let dv = v.dims()[3];
+        let scale = (d as f64).powf(-0.5);
+        let bh = b * h;
+        let q = q.reshape([bh, nq, d]);
+        let k = k.reshape([bh, nk, d]);
+        let v = v.reshape([bh, nk, dv]);
+        let o = o.reshape([bh, nq, dv]);
+        let g = g.reshape([bh, nq, dv]);
+        let plan = self.chunking(bh, nq, nk, q.dtype().size());
+
+        let (mut gq_heads, mut gk_heads, mut gv_heads) = (Vec::new(), Vec::new(), Vec::new());
+        for h0 in (0..bh).step_by(plan.heads_per_chunk) {
+            let hn = plan.heads_per_chunk.min(bh - h0);
+            let kh = k.clone().narrow(0, h0, hn);
+            let vh = v.clone().narrow(0, h0, hn);
+            let (k_t, v_t) = (kh.clone().swap_dims(1, 2), vh.clone().swap_dims(1, 2));
+            let mut gq_rows = Vec::new();
+            let mut gk: Option<Tensor<3>> = None;
+            let mut gv: Option<Tensor<3>> = None;
+            for q0 in (0..nq).step_by(plan.queries_per_chunk) {
+                let qn = plan.queries_per_chunk.min(nq - q0);
+                let rows = |t: &Tensor<3>| t.clone().narrow(0, h0, hn).narrow(1, q0, qn);
+                let (qc, oc, gc) = (rows(&q), rows(&o), rows(&g));
+                let p = softmax(qc.clone().matmul(k_t.clone()) * scale, 2);
+                let gv_part = p.clone().swap_dims(1, 2).matmul(gc.clone());
+                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax Jacobian applied row by row.
+                let delta = (gc.clone() * oc).sum_dim(2);
+                let ds = p * (gc.matmul(v_t.clone()) - delta) * scale;
+                gq_rows.push(ds.clone().matmul(kh.clone()));
+                let gk_part = ds.swap_dims(1, 2).matmul(qc);
+                gk = Some(gk.map_or(gk_part.clone(), |a| a + gk_part));
+                gv = Some(gv.map_or(gv_part.clone(), |a| a + gv_part));
+            }
+            gq_heads.push(Tensor::cat(gq_rows, 1));
+            gk_heads.extend(gk);
+            gv_heads.extend(gv);
+        }
+        (
+            Tensor::cat(gq_heads, 0).reshape([b, h, nq, d]),
+            Tensor::cat(gk_heads, 0).reshape([b, h, nk, d]),
+            Tensor::cat(gv_heads, 0).reshape([b, h, nk, dv]),
+        )
+    }
 }
 
 /// True where key index > query index, for query rows `q0..q0+qn`.
@@ -170,6 +229,54 @@ mod tests {
             .attend(q.clone(), k.clone(), v.clone(), causal);
             let diff = (whole - tiny).abs().max().into_scalar::<f32>();
             assert!(diff < 1e-6, "causal={causal} diff={diff}");
+        }
+    }
+
+    #[test]
+    fn pullback_matches_autodiff() {
+        // The chunked, recomputing backward against burn's autodiff through the plain forward,
+        // for a chunking that splits both heads and query rows.
+        let device = burn::tensor::Device::flex();
+        let mk = |shape: [usize; 4], seed: f32| {
+            let n: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
+        };
+        let (q, k, v) = (
+            mk([2, 3, 10, 4], 0.1),
+            mk([2, 3, 7, 4], 1.3),
+            mk([2, 3, 7, 5], 2.7),
+        );
+        let g = mk([2, 3, 10, 5], 4.1);
+        let whole = AttentionPlan {
+            max_score_bytes: usize::MAX,
+        };
+        let leaves = [&q, &k, &v].map(|t| t.clone().autodiff().require_grad());
+        let out = whole.attend(
+            leaves[0].clone(),
+            leaves[1].clone(),
+            leaves[2].clone(),
+            false,
+        );
+        let grads = (out * g.clone()).sum().backward();
+        let expected = leaves.map(|l| l.grad(&grads).expect("every input has a gradient"));
+
+        let plan = AttentionPlan {
+            max_score_bytes: 3 * 7 * 4,
+        };
+        assert_eq!(plan.chunking(6, 10, 7, 4).heads_per_chunk, 1);
+        assert_eq!(plan.chunking(6, 10, 7, 4).queries_per_chunk, 3);
+        let o = plan.attend(q.clone(), k.clone(), v.clone(), false);
+        let (gq, gk, gv) = plan.attend_pullback(q, k, v, o, g);
+        for (name, got, want) in [
+            ("q", gq, &expected[0]),
+            ("k", gk, &expected[1]),
+            ("v", gv, &expected[2]),
+        ] {
+            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
+            let size = want.clone().abs().max().into_scalar::<f32>();
+            // f32 sums of at most 10 terms reordered: a few ulps of the largest entry.
+            assert!(err <= 1e-5 * size, "d{name}: max error {err} of {size}");
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod config;
 pub mod folder;
 pub mod nn;
+pub mod pullback;
 pub mod random;
 pub mod resnet;
 pub mod tokenizer;

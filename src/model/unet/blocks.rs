@@ -1,14 +1,11 @@
 //! The UNet's down, mid and up blocks (CrossAttnDownBlock2D / DownBlock2D,
 //! UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D).
 
-use burn::tensor::Tensor;
-
-use super::hooks::KvHook;
+use super::steps::Step;
 use super::transformer::{Transformer2D, TransformerSpec};
 use crate::error::Result;
-use crate::model::attention::AttentionPlan;
 use crate::model::config::UnetConfig;
-use crate::model::nn::{Conv2d, ConvSpec, upsample_nearest};
+use crate::model::nn::{Conv2d, ConvSpec};
 use crate::model::resnet::{ResnetBlock, ResnetSpec};
 use crate::weights::Loader;
 
@@ -90,28 +87,20 @@ impl DownBlock {
         })
     }
 
-    /// Returns the block output and the skip states it adds (one per resnet, one after the
-    /// downsampler).
-    pub fn forward(
-        &self,
-        mut x: Tensor<4>,
-        temb: &Tensor<2>,
-        context: &Tensor<3>,
-        plan: &AttentionPlan,
-    ) -> (Tensor<4>, Vec<Tensor<4>>) {
-        let mut states = Vec::new();
+    /// Resnet (and transformer) per layer, each output kept as a skip state; then the
+    /// downsampler, its output kept too.
+    pub fn steps<'a>(&'a self, steps: &mut Vec<Step<'a>>) {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, Some(temb));
+            steps.push(Step::Resnet(resnet));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, context, plan, &mut super::NoHook, None);
+                steps.push(Step::Transformer(attn, None));
             }
-            states.push(x.clone());
+            steps.push(Step::Save);
         }
         if let Some(down) = &self.downsampler {
-            x = down.forward(x);
-            states.push(x.clone());
+            steps.push(Step::Conv(down));
+            steps.push(Step::Save);
         }
-        (x, states)
     }
 }
 
@@ -139,18 +128,10 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        temb: &Tensor<2>,
-        context: &Tensor<3>,
-        plan: &AttentionPlan,
-    ) -> Tensor<4> {
-        let x = self.resnet0.forward(x, Some(temb));
-        let x = self
-            .attention
-            .forward(x, context, plan, &mut super::NoHook, None);
-        self.resnet1.forward(x, Some(temb))
+    pub fn steps<'a>(&'a self, steps: &mut Vec<Step<'a>>) {
+        steps.push(Step::Resnet(&self.resnet0));
+        steps.push(Step::Transformer(&self.attention, None));
+        steps.push(Step::Resnet(&self.resnet1));
     }
 }
 
@@ -207,37 +188,18 @@ impl UpBlock {
         })
     }
 
-    /// `index` is this block's position in `up_blocks`, reported to the KV hook.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        mut x: Tensor<4>,
-        skips: &mut Vec<Tensor<4>>,
-        temb: &Tensor<2>,
-        context: &Tensor<3>,
-        plan: &AttentionPlan,
-        hook: &mut dyn KvHook,
-        index: usize,
-    ) -> Tensor<4> {
+    /// Per layer a resnet over the input joined with the last skip state (and a transformer,
+    /// named `(index, layer)` for the KV hook); then the upsampler; then the block output.
+    pub fn steps<'a>(&'a self, index: usize, steps: &mut Vec<Step<'a>>) {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            if let Some(skip) = skips.pop() {
-                x = Tensor::cat(vec![x, skip], 1);
-            }
-            x = resnet.forward(x, Some(temb));
+            steps.push(Step::SkipResnet(resnet));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x, context, plan, hook, Some((index, j)));
+                steps.push(Step::Transformer(attn, Some((index, j))));
             }
         }
         if let Some(up) = &self.upsampler {
-            // Like diffusers' `upsample_size`: when a side was odd on the way down, upsample to
-            // the size of the skip state this output will be joined with, not blindly 2x.
-            let [_, _, h, w] = x.dims();
-            let size = skips
-                .last()
-                .map(|s| [s.dims()[2], s.dims()[3]])
-                .unwrap_or([2 * h, 2 * w]);
-            x = up.forward(upsample_nearest(x, size));
+            steps.push(Step::Upsample(up));
         }
-        x
+        steps.push(Step::Output);
     }
 }

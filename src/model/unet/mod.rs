@@ -4,12 +4,15 @@
 
 pub mod blocks;
 pub mod hooks;
+pub mod steps;
 pub mod transformer;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 pub use self::hooks::{CaptureKv, DecoderAttention, KvHook, NoHook};
+pub use self::steps::FeatureCheckpoints;
+use self::steps::{Env, walk};
 use super::attention::AttentionPlan;
 use super::config::UnetConfig;
 use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype};
@@ -102,6 +105,13 @@ impl Unet {
         Tensor::from_data(TensorData::new(values, [batch, dim]), (device, self.dtype))
     }
 
+    /// The time embedding `[batch, C]` of `timestep` (it does not depend on the latent).
+    fn time_embedding(&self, timestep: f32, batch: usize, device: &Device) -> Tensor<2> {
+        let t = self.timestep_features(timestep, batch, device);
+        self.time_linear_2
+            .forward(silu(self.time_linear_1.forward(t)))
+    }
+
     /// Runs the UNet up to and including up block `last_up` and returns each up block's output
     /// (`outputs[i]` is `up_blocks.i`); with `head` and `last_up` = the final block, the noise
     /// prediction head runs too and its result is returned as the last element.
@@ -117,28 +127,13 @@ impl Unet {
         hook.begin_pass();
         let latent = to_dtype(latent, self.dtype);
         let context = &to_dtype(context.clone(), self.dtype);
-        let device = latent.device();
-        let batch = latent.dims()[0];
-        let t = self.timestep_features(timestep, batch, &device);
-        let temb = self
-            .time_linear_2
-            .forward(silu(self.time_linear_1.forward(t)));
-
-        let mut x = self.conv_in.forward(latent);
-        let mut skips = vec![x.clone()];
-        for block in &self.down {
-            let (out, states) = block.forward(x, &temb, context, &self.attention);
-            x = out;
-            skips.extend(states);
-        }
-        if let Some(mid) = &self.mid {
-            x = mid.forward(x, &temb, context, &self.attention);
-        }
-        let mut outputs = Vec::with_capacity(last_up + 2);
-        for (i, block) in self.up.iter().enumerate().take(last_up + 1) {
-            x = block.forward(x, &mut skips, &temb, context, &self.attention, hook, i);
-            outputs.push(x.clone());
-        }
+        let temb = self.time_embedding(timestep, latent.dims()[0], &latent.device());
+        let env = Env {
+            temb: &temb,
+            context,
+            plan: &self.attention,
+        };
+        let (x, mut outputs) = walk(&self.steps(last_up), latent, &env, hook, None);
         if head && last_up + 1 == self.up.len() {
             outputs.push(self.conv_out.forward(silu(self.norm_out.forward(x))));
         }

@@ -7,6 +7,7 @@ use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear};
+use crate::model::pullback::{pullback, pullback2};
 use crate::weights::Loader;
 
 /// diffusers' `Attention` with separate q/k/v projections and `to_out.0`.
@@ -43,6 +44,54 @@ impl Attention {
             .swap_dims(1, 2)
     }
 
+    fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+        let [b, h, n, d] = x.dims();
+        x.swap_dims(1, 2).reshape([b, n, h * d])
+    }
+
+    /// Queries of `x`, keys and values of `context` (or of `x` itself), `[B, N, C]`.
+    fn project(
+        &self,
+        x: Tensor<3>,
+        context: Option<&Tensor<3>>,
+    ) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        let source = context.cloned().unwrap_or_else(|| x.clone());
+        (
+            self.to_q.forward(x),
+            self.to_k.forward(source.clone()),
+            self.to_v.forward(source),
+        )
+    }
+
+    /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
+    fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
+        Self::merge_heads(plan.attend(
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+            false,
+        ))
+    }
+
+    /// Gradients of [`core`](Self::core) with respect to q, k and v, given its output `o` and
+    /// the gradient `g` at it (chunked recomputation, [`AttentionPlan::attend_pullback`]).
+    fn core_pullback(
+        &self,
+        [q, k, v]: [Tensor<3>; 3],
+        o: Tensor<3>,
+        g: Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> [Tensor<3>; 3] {
+        let (gq, gk, gv) = plan.attend_pullback(
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+            self.split_heads(o),
+            self.split_heads(g),
+        );
+        [gq, gk, gv].map(Self::merge_heads)
+    }
+
     /// Attention of `x` `[B, N, C]` over `context` (or itself). A hook, when given, sees the
     /// projected K/V before the head split.
     pub fn forward(
@@ -52,22 +101,11 @@ impl Attention {
         plan: &AttentionPlan,
         hook: Option<(&mut dyn KvHook, DecoderAttention)>,
     ) -> Tensor<3> {
-        let [b, n, c] = x.dims();
-        let source = context.cloned().unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let mut k = self.to_k.forward(source.clone());
-        let mut v = self.to_v.forward(source);
+        let (q, mut k, mut v) = self.project(x, context);
         if let Some((hook, layer)) = hook {
             (k, v) = hook.self_attention_kv(layer, k, v);
         }
-        let out = plan.attend(
-            self.split_heads(q),
-            self.split_heads(k),
-            self.split_heads(v),
-            false,
-        );
-        let out = out.swap_dims(1, 2).reshape([b, n, c]);
-        self.to_out.forward(out)
+        self.to_out.forward(self.core(q, k, v, plan))
     }
 }
 
@@ -97,17 +135,21 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(
+    /// Self-attention's projected q, k, v of the block input `x`.
+    fn self_attention_inputs(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        self.attn1.project(self.norm1.forward(x), None)
+    }
+
+    /// Everything after the self-attention core `o`: its output projection and residual over
+    /// the block input `x`, the text cross-attention, the feed-forward.
+    fn after_self_attention(
         &self,
+        o: Tensor<3>,
         x: Tensor<3>,
         context: &Tensor<3>,
         plan: &AttentionPlan,
-        hook: Option<(&mut dyn KvHook, DecoderAttention)>,
     ) -> Tensor<3> {
-        let x = self
-            .attn1
-            .forward(self.norm1.forward(x.clone()), None, plan, hook)
-            + x;
+        let x = self.attn1.to_out.forward(o) + x;
         let x = self
             .attn2
             .forward(self.norm2.forward(x.clone()), Some(context), plan, None)
@@ -117,6 +159,44 @@ impl TransformerBlock {
         let value = h.clone().narrow(2, 0, inner);
         let gate = h.narrow(2, inner, inner);
         self.ff_out.forward(value * gelu(gate)) + x
+    }
+
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+        hook: Option<(&mut dyn KvHook, DecoderAttention)>,
+    ) -> Tensor<3> {
+        let (q, mut k, mut v) = self.self_attention_inputs(x.clone());
+        if let Some((hook, layer)) = hook {
+            (k, v) = hook.self_attention_kv(layer, k, v);
+        }
+        let o = self.attn1.core(q, k, v, plan);
+        self.after_self_attention(o, x, context, plan)
+    }
+
+    /// `gᵀ ∂block/∂x` at `x`, in three recomputed pieces so that the self-attention scores are
+    /// never held for autodiff: the projections (autodiff), the attention core (chunked manual
+    /// backward), the rest (autodiff).
+    fn pullback(
+        &self,
+        x: &Tensor<3>,
+        g: Tensor<3>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> Tensor<3> {
+        let (q, k, v) = self.self_attention_inputs(x.clone());
+        let o = self.attn1.core(q.clone(), k.clone(), v.clone(), plan);
+        let (g_o, g_residual) = pullback2(&o, x, g, |o, x| {
+            self.after_self_attention(o, x, context, plan)
+        });
+        let g_qkv = self.attn1.core_pullback([q, k, v], o, g_o, plan);
+        let g_projections = pullback(x, Tensor::cat(g_qkv.to_vec(), 2), |x| {
+            let (q, k, v) = self.self_attention_inputs(x);
+            Tensor::cat(vec![q, k, v], 2)
+        });
+        g_residual + g_projections
     }
 }
 
@@ -180,6 +260,26 @@ impl Transformer2D {
         })
     }
 
+    /// GroupNorm and the projection into tokens `[B, H·W, C]`.
+    fn enter(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, c, h, w] = x.dims();
+        let x = self.norm.forward(x);
+        let to_tokens = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
+        match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(x)),
+            Projection::Linear(lin) => lin.forward(to_tokens(x)),
+        }
+    }
+
+    /// The projection out of tokens back to `[B, C, H, W]` (before the residual).
+    fn exit(&self, tokens: Tensor<3>, [b, c, h, w]: [usize; 4]) -> Tensor<4> {
+        let from_tokens = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(from_tokens(tokens)),
+            Projection::Linear(lin) => from_tokens(lin.forward(tokens)),
+        }
+    }
+
     /// `decoder` names this transformer when it sits in the UNet decoder, so the KV hook sees it.
     pub fn forward(
         &self,
@@ -189,14 +289,8 @@ impl Transformer2D {
         hook: &mut dyn KvHook,
         decoder: Option<(usize, usize)>,
     ) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let residual = x.clone();
-        let x = self.norm.forward(x);
-        let to_tokens = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(x)),
-            Projection::Linear(lin) => lin.forward(to_tokens(x)),
-        };
+        let dims = x.dims();
+        let mut tokens = self.enter(x.clone());
         for (layer, block) in self.blocks.iter().enumerate() {
             let hook_here = decoder.map(|(block, attention)| {
                 (
@@ -210,11 +304,31 @@ impl Transformer2D {
             });
             tokens = block.forward(tokens, context, plan, hook_here);
         }
-        let from_tokens = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(from_tokens(tokens)),
-            Projection::Linear(lin) => from_tokens(lin.forward(tokens)),
-        };
-        out + residual
+        self.exit(tokens, dims) + x
+    }
+
+    /// `gᵀ ∂transformer/∂x` at `x` (no hook: the guidance never replaces K/V), recomputing
+    /// block by block.
+    pub fn pullback(
+        &self,
+        x: &Tensor<4>,
+        g: Tensor<4>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> Tensor<4> {
+        let dims = x.dims();
+        let mut tokens = vec![self.enter(x.clone())];
+        for block in &self.blocks {
+            let last = tokens[tokens.len() - 1].clone();
+            tokens.push(block.forward(last, context, plan, None));
+        }
+        let out = tokens
+            .pop()
+            .expect("tokens holds the input and every block output");
+        let mut g_tokens = pullback(&out, g.clone(), |t| self.exit(t, dims));
+        for (block, input) in self.blocks.iter().zip(&tokens).rev() {
+            g_tokens = block.pullback(input, g_tokens, context, plan);
+        }
+        pullback(x, g_tokens, |x| self.enter(x)) + g
     }
 }
