@@ -23,7 +23,9 @@ use common::*;
 use dragonedit::edit::engine::Trace;
 use dragonedit::edit::initial::initial_latent;
 use dragonedit::edit::mask::Mask;
-use dragonedit::edit::{Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, guidance};
+use dragonedit::edit::{
+    Edit, EditPlan, EditSpec, Editor, EngineOptions, Fidelity, GradientMemory, guidance,
+};
 use dragonedit::image;
 use pollster::block_on;
 use serde_json::{Value, json};
@@ -109,6 +111,7 @@ const QUIRKS: EngineOptions = EngineOptions {
     fidelity: Fidelity {
         reference_quirks: true,
     },
+    gradients: GradientMemory::Recompute,
 };
 
 fn plan_of(case: &str) -> EditPlan {
@@ -226,7 +229,13 @@ fn first_guided_step(device: &Device, cases: &[&str], tol_e: f32, tol_g: f32) {
             .tensor::<3>(device)
             .narrow(0, 1, 1);
         let g = block_on(guidance::evaluate(
-            &sd.unet, &plan, &z, &z_ref, 981.0, &cond,
+            &sd.unet,
+            &plan,
+            &z,
+            &z_ref,
+            981.0,
+            &cond,
+            GradientMemory::default(),
         ))
         .expect("guidance");
         let e_edit = npz(case, f, "E_edit").values[0];
@@ -326,8 +335,16 @@ fn later_guidance(device: &Device, tol: f32) {
             let z: Tensor<4> = steps.index(i).tensor(device);
             let z_ref: Tensor<4> = inv.index(50 - i).tensor(device);
             let t = (981 - 20 * i) as f32;
-            let g = block_on(guidance::evaluate(&sd.unet, &plan, &z, &z_ref, t, &cond))
-                .expect("guidance");
+            let g = block_on(guidance::evaluate(
+                &sd.unet,
+                &plan,
+                &z,
+                &z_ref,
+                t,
+                &cond,
+                GradientMemory::default(),
+            ))
+            .expect("guidance");
             assert_close(
                 &format!("{case}: guidance at step {i}"),
                 &values(g.guidance),

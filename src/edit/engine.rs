@@ -7,7 +7,7 @@ use image::{RgbImage, imageops::FilterType};
 use sha2::{Digest, Sha256};
 
 use super::bank::{BankEntry, BankInjection, BankPolicy, TokenMasks};
-use super::guidance::{self, Guidance};
+use super::guidance::{self, GradientMemory, Guidance};
 use super::initial::{initial_latent, place};
 use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
@@ -25,6 +25,7 @@ use crate::progress::{Phase, ProgressFn, report, step_done};
 pub struct EngineOptions {
     pub bank: BankPolicy,
     pub fidelity: Fidelity,
+    pub gradients: GradientMemory,
 }
 
 /// Live previews during an edit: every `every` editing steps, `show(step, image)` gets the
@@ -429,8 +430,16 @@ impl<'a> Editor<'a> {
                 } else {
                     inversion.latents[steps - i].clone()
                 };
-                let gd = guidance::evaluate(&self.sd.unet, plan, &z, &reference, t as f32, &cond)
-                    .await?;
+                let gd = guidance::evaluate(
+                    &self.sd.unet,
+                    plan,
+                    &z,
+                    &reference,
+                    t as f32,
+                    &cond,
+                    self.options.gradients,
+                )
+                .await?;
                 if !gd.e_edit.is_finite() && !gd.e_content.is_finite() {
                     return Err(Error::InvalidInput(format!(
                         "the guidance energy at step {i} is not finite; lower the strengths"

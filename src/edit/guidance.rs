@@ -8,10 +8,29 @@ use super::energy::{Level, energies};
 use super::plan::EditPlan;
 use crate::device::read_back;
 use crate::error::{Error, Result};
-use crate::model::unet::Unet;
+use crate::model::unet::{FeatureCheckpoints, Unet};
 
 /// The up blocks whose outputs are the features (`up_ft_index = [1, 2]`).
 pub const FEATURE_BLOCKS: [usize; 2] = [1, 2];
+
+/// How the gradient through the truncated UNet is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GradientMemory {
+    /// burn's autodiff over the whole pass: every activation and every attention score chunk
+    /// stays alive until the backward (gigabytes at 512 px, BURN.md §3).
+    Tape,
+    /// The forward keeps only each step's input; the backward recomputes one step at a time,
+    /// attention with a chunked manual backward (`Unet::pull_back_features`). About one more
+    /// truncated forward of work for a fraction of the memory.
+    #[default]
+    Recompute,
+}
+
+/// Where the features' gradient is taken back to the latent.
+enum Backward {
+    Tape(Box<Tensor<4>>),
+    Recompute(Box<FeatureCheckpoints>),
+}
 
 /// What one guidance evaluation produced.
 pub struct Guidance {
@@ -43,6 +62,7 @@ pub async fn evaluate(
     reference: &Tensor<4>,
     timestep: f32,
     context: &Tensor<3>,
+    memory: GradientMemory,
 ) -> Result<Guidance> {
     let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
     let refs_batch = reference.dims()[0];
@@ -57,9 +77,24 @@ pub async fn evaluate(
         super::plan::EnergyPlan::Drag { other: None, .. }
     );
     let rows = if has_content { 2 } else { 1 };
-    let leaf = z.clone().repeat_dim(0, rows).autodiff().require_grad();
+    let latent = z.clone().without_autodiff().repeat_dim(0, rows);
     let gen_context = context.clone().repeat_dim(0, rows);
-    let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
+    let (backward, gens) = match memory {
+        GradientMemory::Tape => {
+            let leaf = latent.autodiff().require_grad();
+            let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
+            (Backward::Tape(Box::new(leaf)), gens)
+        }
+        GradientMemory::Recompute => {
+            let checkpoints = unet.checkpointed_features(latent, timestep, &gen_context, last);
+            let gens = checkpoints
+                .features()
+                .iter()
+                .map(|f| f.clone().autodiff().require_grad())
+                .collect();
+            (Backward::Recompute(Box::new(checkpoints)), gens)
+        }
+    };
 
     let mut edit_levels = Vec::new();
     let mut content_levels = Vec::new();
@@ -92,7 +127,14 @@ pub async fn evaluate(
         }
     };
     let grads = total.backward();
-    let grad = leaf.grad(&grads).ok_or_else(|| {
+    let grad = match backward {
+        Backward::Tape(leaf) => leaf.grad(&grads),
+        Backward::Recompute(checkpoints) => {
+            let at_features = gens.iter().map(|f| f.grad(&grads)).collect();
+            unet.pull_back_features(*checkpoints, at_features)
+        }
+    };
+    let grad = grad.ok_or_else(|| {
         Error::InvalidInput("the guidance energy does not depend on the latent".into())
     })?;
     let g_edit = grad.clone().narrow(0, 0, 1);

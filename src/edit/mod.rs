@@ -14,5 +14,6 @@ pub mod spec;
 
 pub use bank::BankPolicy;
 pub use engine::{EditOutput, Editor, EngineOptions, Inversion, InversionCache, Preview, Trace};
+pub use guidance::GradientMemory;
 pub use plan::{EditPlan, Fidelity};
 pub use spec::{Edit, EditSpec, ModeKind};

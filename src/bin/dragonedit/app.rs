@@ -53,6 +53,13 @@ pub enum Bank {
     Store,
 }
 
+/// How the guidance gradient is taken, on the command line.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Gradients {
+    Recompute,
+    Tape,
+}
+
 /// The `edit` command's inputs.
 #[derive(Args)]
 pub struct EditArgs {
@@ -80,6 +87,10 @@ pub struct EditArgs {
     /// Memory bank: recompute each entry when needed, or store all from the inversion.
     #[arg(long, value_enum, default_value_t = Bank::Recompute)]
     pub bank: Bank,
+    /// Guidance gradient: recompute the UNet step by step in the backward (a fraction of the
+    /// memory), or keep burn's whole autodiff tape (faster where memory allows).
+    #[arg(long, value_enum, default_value_t = Gradients::Recompute)]
+    pub gradients: Gradients,
     /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
     /// compare a trace with the reference implementation's.
     #[arg(long)]
