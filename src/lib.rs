@@ -9,6 +9,8 @@ pub mod device;
 pub mod diffusion;
 pub mod edit;
 pub mod error;
+#[cfg(not(target_family = "wasm"))]
+pub mod heap;
 pub mod image;
 pub mod model;
 pub mod pipeline;

@@ -1,18 +1,93 @@
-//! WebGPU buffer limits: self-attention at SD 1.5's 512 px scale (a 64x64 latent, 4096 tokens,
-//! 8 heads) must run without any single allocation above 256 MiB. Unchunked, its score matrix
+//! Memory. WebGPU buffer limits: self-attention at SD 1.5's 512 px scale (a 64x64 latent, 4096
+//! tokens, 8 heads) must run without any single allocation above 256 MiB. Unchunked, its score matrix
 //! alone is one 512 MiB buffer per image. The head width is cut from 40 to 8 to keep the test
 //! cheap on software Vulkan: the score matrices, which the chunking bounds, are the same size. Measured on the wgpu backend through burn's
 //! memory-pool report (lavapipe in CI also caps bindings at 128 MiB, like WebGPU's default).
 
+//! And the guidance's gradient by step recomputation must hold a fraction of what burn's
+//! autodiff tape holds, measured on the CPU backend by counting heap bytes.
+
 mod common;
 
-use burn::tensor::{Distribution, Tensor};
+use std::sync::Mutex;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, guidance};
+use dragonedit::heap::{CountingAlloc, peak_since, start};
 use dragonedit::model::attention::AttentionPlan;
+use pollster::block_on;
 
 const MIB: u64 = 1 << 20;
 
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+/// The tests of this file measure one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Heap bytes held at the peak of `f`, above what was held before it.
+fn peak_during(f: impl FnOnce()) -> usize {
+    let base = start();
+    f();
+    peak_since(base)
+}
+
+#[test]
+fn guidance_by_recomputation_holds_a_fraction_of_the_autodiff_tape() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let mut sd = common::load_tiny(&device);
+    // A 256 px edit: a 32x32 latent, 1024-token self-attention in down_blocks.0, 8 heads, two
+    // rows (edit and content). One head's scores per chunk (4 MiB), as a 512 px run has one
+    // head's 64 MiB per chunk: the tape keeps every chunk of every layer for the backward.
+    sd.unet.attention = AttentionPlan {
+        max_score_bytes: 4 << 20,
+    };
+    let spec = EditSpec::from_json(
+        r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [72, 72],
+            "resolution": 256}"#,
+    )
+    .expect("spec");
+    let read = |name: &str| std::fs::read(common::fixtures().join("move").join(name));
+    let photo = dragonedit::image::decode(&read("image.png").expect("photo")).expect("decodes");
+    let edit = spec
+        .resolve(photo, None, &mut |name| Ok(read(name).expect("mask")))
+        .expect("resolves");
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let plan = editor.plan(&edit).expect("plan");
+    let z = Tensor::<4>::random([1, 4, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+    let cond = Tensor::<3>::random([1, 77, 32], Distribution::Normal(0.0, 1.0), &device);
+    let run = |memory| {
+        let g = block_on(guidance::evaluate(
+            &sd.unet, &plan, &z, &z, 981.0, &cond, memory,
+        ))
+        .expect("guidance");
+        assert!(g.guidance.abs().max().into_scalar::<f32>().is_finite());
+    };
+    run(GradientMemory::Recompute);
+    let tape = peak_during(|| run(GradientMemory::Tape));
+    let recompute = peak_during(|| run(GradientMemory::Recompute));
+    let mib = |b: usize| b as f64 / MIB as f64;
+    println!(
+        "guidance peak heap: tape {:.1} MiB, recompute {:.1} MiB",
+        mib(tape),
+        mib(recompute)
+    );
+    // The tape holds about three score-sized tensors per head and layer (2 layers x 16 heads x
+    // 4 MiB x 3 = 384 MiB) and every activation; recomputation about three of one chunk plus
+    // the step inputs. Measured 536 MiB against 24 MiB.
+    assert!(tape > 256 << 20, "the tape held only {:.1} MiB", mib(tape));
+    assert!(
+        recompute * 8 < tape,
+        "recomputation held {:.1} MiB against the tape's {:.1} MiB",
+        mib(recompute),
+        mib(tape)
+    );
+}
+
 #[test]
 fn sd15_self_attention_at_512px_allocates_no_buffer_over_256_mib() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(device) = common::wgpu_device() else {
         return;
     };

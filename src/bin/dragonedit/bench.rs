@@ -1,7 +1,8 @@
 //! `dragonedit bench`: times the engine's workloads on this machine's GPU (or the CPU) and
-//! prints a table: median and fastest wall time over several runs after a warm-up, and the
+//! prints a table: median and fastest wall time over several runs after a warm-up, the
 //! device pool's peak and largest single buffer (burn's pool report; both are peaks since
-//! the program started, so each row includes the rows above it).
+//! the program started, so each row includes the rows above it), and the row's own peak heap
+//! above what was held before it (on `--cpu` that is the tensors' memory).
 
 use pollster::block_on;
 use std::time::Instant;
@@ -9,10 +10,10 @@ use std::time::Instant;
 use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
-use dragonedit::edit::{EditSpec, Editor, EngineOptions, InversionCache, guidance};
+use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, InversionCache, guidance};
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
-use dragonedit::{StableDiffusion, device};
+use dragonedit::{StableDiffusion, device, heap};
 
 use crate::run::{Bar, load_dir, load_source, open_device, read_values};
 
@@ -48,13 +49,17 @@ struct Row {
     times_ms: Vec<f64>,
     peak_mib: Option<f64>,
     largest_mib: Option<f64>,
+    heap_mib: f64,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
     let Some(report) = device.memory_pool_report() else {
         return (None, None);
     };
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let peak: u64 = report.iter().map(|p| p.pages_peak * p.page_size).sum();
     let largest = report.iter().map(|p| p.largest_alloc).max().unwrap_or(0);
     (Some(mib(peak)), Some(mib(largest)))
@@ -69,6 +74,7 @@ fn measure(
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Row> {
     eprintln!("bench: {name} (warm-up + {runs} runs)");
+    let heap_base = heap::start();
     f()?;
     device
         .sync()
@@ -88,6 +94,7 @@ fn measure(
         times_ms,
         peak_mib,
         largest_mib,
+        heap_mib: mib(heap::peak_since(heap_base) as u64),
     })
 }
 
@@ -248,15 +255,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let all = edits(size, args.steps);
     let move_edit = resolve(&all[0].1)?;
     let plan = editor.plan(&move_edit)?;
-    rows.push(measure(
-        "guidance: truncated UNet forward + backward (move)",
-        &device,
-        runs,
-        || {
-            let g = block_on(guidance::evaluate(&sd.unet, &plan, &z, &z, 981.0, &cond))?;
-            read(g.guidance)
-        },
-    )?);
+    // Recomputation first: the pool columns are peaks since the start, so the tape's row
+    // must not come before it.
+    for (memory, how) in [
+        (GradientMemory::Recompute, "step recompute"),
+        (GradientMemory::Tape, "autodiff tape"),
+    ] {
+        rows.push(measure(
+            &format!("guidance: truncated UNet forward + backward (move), {how}"),
+            &device,
+            runs,
+            || {
+                let g = block_on(guidance::evaluate(
+                    &sd.unet, &plan, &z, &z, 981.0, &cond, memory,
+                ))?;
+                read(g.guidance)
+            },
+        )?);
+    }
     let steps = args.steps;
     rows.push(measure(
         &format!("DDIM inversion, {steps} steps"),
@@ -308,18 +324,21 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         dtype
     );
     println!();
-    println!("| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB | peak heap MiB |"
+    );
+    println!("|---|---|---|---|---|---|");
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
     for r in &rows {
         let fastest = r.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
-            "| {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {} | {} | {:.0} |",
             r.name,
             median(&r.times_ms),
             fastest,
             fmt(r.peak_mib),
-            fmt(r.largest_mib)
+            fmt(r.largest_mib),
+            r.heap_mib
         );
     }
     Ok(())

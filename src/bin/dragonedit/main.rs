@@ -11,6 +11,11 @@ mod edit;
 #[cfg(not(target_family = "wasm"))]
 mod run;
 
+/// Counts heap bytes for `bench`'s peak heap column (two relaxed atomic adds per allocation).
+#[cfg(not(target_family = "wasm"))]
+#[global_allocator]
+static ALLOCATOR: dragonedit::heap::CountingAlloc = dragonedit::heap::CountingAlloc;
+
 #[cfg(not(target_family = "wasm"))]
 fn main() -> anyhow::Result<()> {
     app::main()
