@@ -11,7 +11,7 @@ function note(text) {
   li.textContent = text;
   log.append(li);
 }
-editor.addEventListener("ready", (e) => note(`ready: ${e.detail.model}`));
+editor.addEventListener("ready", (e) => note(`ready: ${e.detail.model}, computing in ${e.detail.precision}`));
 editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));
 editor.addEventListener("result", async (e) => {
   note(`result: ${e.detail.width}x${e.detail.height} PNG, ${e.detail.blob.size} bytes`);

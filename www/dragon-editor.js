@@ -215,12 +215,13 @@ class DragonEditor extends HTMLElement {
     }
     if (!info.cached) await this.askAndDownload(info);
     this.say("Loading the model…");
-    await this.engine.request("load", { source: this.modelSource });
+    const { precision } = await this.engine.request("load", { source: this.modelSource });
+    this.precision = precision;
     this.ready = true;
     this.say(this.sketch.hasPhoto ? "Ready." : "Ready. Open a photo to start.", "ok");
     this.updateButtons();
     this.refreshStorage();
-    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name } }));
+    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision } }));
   }
 
   askAndDownload(info) {

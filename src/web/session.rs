@@ -38,22 +38,27 @@ fn progress_fn(on_progress: js_sys::Function) -> impl FnMut(Progress) -> bool {
 }
 
 /// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
-/// WebGPU device. Replaces any model loaded before.
+/// WebGPU device, and returns the precision it computes in: "f16" where the adapter has
+/// `shader-f16` (half the memory of f32 weights and activations; the VAE stays f32), else
+/// "f32". Replaces any model loaded before.
 #[wasm_bindgen]
-pub async fn load_model(files: js_sys::Map, on_progress: js_sys::Function) -> Result<(), JsValue> {
+pub async fn load_model(
+    files: js_sys::Map,
+    on_progress: js_sys::Function,
+) -> Result<String, JsValue> {
     let device = super::device().await?;
+    let dtype = if device.supports_dtype(DType::F16) {
+        DType::F16
+    } else {
+        DType::F32
+    };
     let mut folder = BlobFolder::from_map(&files).map_err(js_error)?;
     MODEL.with(|m| m.borrow_mut().take());
     INVERSION.with(|c| c.borrow_mut().clear());
-    let sd = StableDiffusion::load(
-        &mut folder,
-        &device,
-        DType::F32,
-        &mut progress_fn(on_progress),
-    )
-    .map_err(js_error)?;
+    let sd = StableDiffusion::load(&mut folder, &device, dtype, &mut progress_fn(on_progress))
+        .map_err(js_error)?;
     MODEL.with(|m| *m.borrow_mut() = Some(Rc::new(sd)));
-    Ok(())
+    Ok(if dtype == DType::F16 { "f16" } else { "f32" }.to_string())
 }
 
 /// True once a model is loaded.
