@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, clippy (native and wasm32, inside the builds), unit and parity tests on the CPU and
-# on wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and the editor's end-to-end tests
-# in headless Chromium with WebGPU on SwiftShader (tests/e2e/editor.mjs; screenshots go to
-# tests/e2e/artifacts).
+# Runs every test: formatting, clippy (native and wasm32, inside the builds), unit and parity
+# tests on the CPU and on wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and the
+# editor's end-to-end tests in headless Chromium with WebGPU on SwiftShader
+# (tests/e2e/editor.mjs; screenshots go to tests/e2e/artifacts).
 source "$(dirname "${BASH_SOURCE[0]}")/tools.sh"
 cd "$ROOT"
 
@@ -21,6 +21,16 @@ cargo fmt --all -- --check
 export RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver)"
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
+# The wasm32 track (wasm-bindgen-cli and Trunk when missing, then the site build, whose cargo
+# build inherits the clippy wrapper and so lints the shipped features) runs beside the native
+# build and tests. On a cold machine both are long compiles whose single-threaded stretches
+# leave a core idle; on a warm one it takes a minute. Its log is printed when it is joined.
+SITE_LOG="$(mktemp)"
+setsid -w bash -c 'source "$1/scripts/tools.sh"; build_site' _ "$ROOT" > "$SITE_LOG" 2>&1 &
+SITE_PID=$!
+trap 'kill -- -"$SITE_PID" 2>/dev/null || true' EXIT
+log "started the wasm32 track in the background (pid $SITE_PID)"
+
 log "cargo build with clippy -D warnings (native, all targets)"
 cargo build --release --all-targets
 
@@ -29,8 +39,14 @@ log "cargo test (CPU and wgpu/lavapipe)"
 # which wgpu tests were skipped and why.
 CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}" cargo test --release -- --nocapture
 
-# The wasm32 build: Trunk's cargo build inherits the clippy wrapper (lints the shipped features).
-build_site
+log "joining the wasm32 track"
+site_status=0
+wait "$SITE_PID" || site_status=$?
+cat "$SITE_LOG"
+if [ "$site_status" -ne 0 ]; then
+  log "the wasm32 track failed (exit $site_status)"
+  exit "$site_status"
+fi
 
 log "browser end-to-end tests (headless Chromium, WebGPU on SwiftShader, the tiny model)"
 (cd tests/e2e && { [ -d node_modules/playwright-core ] || npm install --no-audit --no-fund --silent; } && node editor.mjs "$ROOT/dist" "$ROOT/tests/e2e/artifacts")
