@@ -260,7 +260,8 @@ fn bench_prints_a_table_row_per_workload() {
     let names = [
         "UNet forward, batch 1",
         "UNet forward, batch 2",
-        "guidance",
+        "guidance: truncated UNet forward + backward (move), step recompute",
+        "guidance: truncated UNet forward + backward (move), autodiff tape",
         "DDIM inversion",
         "whole edit: move",
         "whole edit: drag",
