@@ -100,6 +100,17 @@ fn tensor(v: Vec<f32>, like: &Tensor<4>) -> Tensor<4> {
     Tensor::from_data(TensorData::new(v, dims), &like.device())
 }
 
+/// The generated latent at step 2 of `case`'s reference run, the inversion latent it is guided
+/// towards, and the conditional text embedding.
+fn step_two_inputs(case: &str, device: &Device) -> (Tensor<4>, Tensor<4>, Tensor<3>) {
+    let z = npy(case, "step_latents.npy").index(2).tensor(device);
+    let z_ref = npy(case, "inversion_latents.npy").index(48).tensor(device);
+    let cond = npy(case, "text_embeddings.npy")
+        .tensor::<3>(device)
+        .narrow(0, 1, 1);
+    (z, z_ref, cond)
+}
+
 /// §12.5: central finite differences of each energy along a fixed pseudo-random direction
 /// match the autodiff gradient, and stepping against the gradient lowers the energy.
 #[test]
@@ -111,11 +122,7 @@ fn energy_gradients_match_finite_differences() {
         let p = plan(&e);
         // Step 2 of the reference run: the generated and reference latents differ (at step 0
         // drag's are equal and its content gradient vanishes).
-        let z: Tensor<4> = npy(case, "step_latents.npy").index(2).tensor(&device);
-        let z_ref: Tensor<4> = npy(case, "inversion_latents.npy").index(48).tensor(&device);
-        let cond: Tensor<3> = npy(case, "text_embeddings.npy")
-            .tensor::<3>(&device)
-            .narrow(0, 1, 1);
+        let (z, z_ref, cond) = step_two_inputs(case, &device);
         let t = 941.0;
         let at = |z: &Tensor<4>| {
             block_on(guidance::evaluate(
@@ -204,11 +211,7 @@ fn recomputed_guidance_gradient_equals_the_tape() {
     for (name, case, json) in mode_specs() {
         let e = edit(json, case);
         let p = plan(&e);
-        let z: Tensor<4> = npy(case, "step_latents.npy").index(2).tensor(&device);
-        let z_ref: Tensor<4> = npy(case, "inversion_latents.npy").index(48).tensor(&device);
-        let cond: Tensor<3> = npy(case, "text_embeddings.npy")
-            .tensor::<3>(&device)
-            .narrow(0, 1, 1);
+        let (z, z_ref, cond) = step_two_inputs(case, &device);
         let tape = block_on(guidance::evaluate(
             &sd.unet,
             &p,

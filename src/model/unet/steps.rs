@@ -227,9 +227,9 @@ impl Unet {
                         continue;
                     };
                     g = Some(match (step, &s.skip) {
-                        (Step::SkipResnet(resnet), Some(skip)) => {
+                        (Step::SkipResnet(_), Some(skip)) => {
                             let (gx, gs) = pullback2(&s.x, skip, gy, |x, skip| {
-                                resnet.forward(Tensor::cat(vec![x, skip], 1), Some(&temb))
+                                step.apply(x, Some(skip), s.size, &env, &mut NoHook)
                             });
                             skip_grads.push(Some(gs));
                             gx
