@@ -196,11 +196,11 @@ fn energy_gradients_match_finite_differences() {
     }
 }
 
-/// The low-memory guidance backward (step recomputation, chunked attention backward) gives the
-/// tape's gradients in every mode, also when attention is cut into single heads and a few
-/// query rows (the chunking a 512 px run uses).
+/// The low-memory guidance backwards (per-step graphs or step recomputation, both with the
+/// chunked attention backward) give the tape's gradients in every mode, also when attention is
+/// cut into single heads and a few query rows (the chunking a 512 px run uses).
 #[test]
-fn recomputed_guidance_gradient_equals_the_tape() {
+fn low_memory_guidance_gradients_equal_the_tape() {
     let device = Device::flex();
     let sd = load_tiny(&device);
     let mut chunked = sd.unet.clone();
@@ -222,17 +222,16 @@ fn recomputed_guidance_gradient_equals_the_tape() {
             GradientMemory::Tape,
         ))
         .expect("tape");
-        for (how, unet) in [("whole", &sd.unet), ("chunked", &chunked)] {
+        for (how, unet, memory) in [
+            ("flash, whole", &sd.unet, GradientMemory::Flash),
+            ("flash, chunked", &chunked, GradientMemory::Flash),
+            ("recompute, whole", &sd.unet, GradientMemory::Recompute),
+            ("recompute, chunked", &chunked, GradientMemory::Recompute),
+        ] {
             let rec = block_on(guidance::evaluate(
-                unet,
-                &p,
-                &z,
-                &z_ref,
-                941.0,
-                &cond,
-                GradientMemory::Recompute,
+                unet, &p, &z, &z_ref, 941.0, &cond, memory,
             ))
-            .expect("recompute");
+            .expect(how);
             // The same f32 arithmetic regrouped (chunk sums, a hand-written softmax backward):
             // rounding grown through ~40 layers, measured 7e-7 to 1.9e-6; a wrong term or a
             // missed skip gradient is off by far more.

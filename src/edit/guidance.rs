@@ -8,7 +8,7 @@ use super::energy::{Level, energies};
 use super::plan::EditPlan;
 use crate::device::read_back;
 use crate::error::{Error, Result};
-use crate::model::unet::{FeatureCheckpoints, Unet};
+use crate::model::unet::{FeatureCheckpoints, Keep, Unet};
 
 /// The up blocks whose outputs are the features (`up_ft_index = [1, 2]`).
 pub const FEATURE_BLOCKS: [usize; 2] = [1, 2];
@@ -19,17 +19,21 @@ pub enum GradientMemory {
     /// burn's autodiff over the whole pass: every activation and every attention score chunk
     /// stays alive until the backward (gigabytes at 512 px, BURN.md §3).
     Tape,
-    /// The forward keeps only each step's input; the backward recomputes one step at a time,
-    /// attention with a chunked manual backward (`Unet::pull_back_features`). About one more
-    /// truncated forward of work for a fraction of the memory.
+    /// Each step keeps its own autodiff graph, but no self-attention score: the attention
+    /// cores keep their inputs and output, and their chunked manual backward recomputes the
+    /// scores, as FlashAttention does. Nothing else runs twice.
     #[default]
+    Flash,
+    /// The forward keeps only each step's input; the backward runs one step at a time again
+    /// (`Unet::pull_back_features`). About one more truncated forward of work for the least
+    /// memory.
     Recompute,
 }
 
 /// Where the features' gradient is taken back to the latent.
 enum Backward {
     Tape(Box<Tensor<4>>),
-    Recompute(Box<FeatureCheckpoints>),
+    Steps(Box<FeatureCheckpoints>),
 }
 
 /// What one guidance evaluation produced.
@@ -85,14 +89,19 @@ pub async fn evaluate(
             let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
             (Backward::Tape(Box::new(leaf)), gens)
         }
-        GradientMemory::Recompute => {
-            let checkpoints = unet.checkpointed_features(latent, timestep, &gen_context, last);
+        GradientMemory::Flash | GradientMemory::Recompute => {
+            let keep = match memory {
+                GradientMemory::Recompute => Keep::Inputs,
+                _ => Keep::Graphs,
+            };
+            let checkpoints =
+                unet.checkpointed_features(latent, timestep, &gen_context, last, keep);
             let gens = checkpoints
                 .features()
                 .iter()
                 .map(|f| f.clone().autodiff().require_grad())
                 .collect();
-            (Backward::Recompute(Box::new(checkpoints)), gens)
+            (Backward::Steps(Box::new(checkpoints)), gens)
         }
     };
 
@@ -129,7 +138,7 @@ pub async fn evaluate(
     let grads = total.backward();
     let grad = match backward {
         Backward::Tape(leaf) => leaf.grad(&grads),
-        Backward::Recompute(checkpoints) => {
+        Backward::Steps(checkpoints) => {
             let at_features = gens.iter().map(|f| f.grad(&grads)).collect();
             unet.pull_back_features(*checkpoints, at_features)
         }

@@ -1,7 +1,8 @@
-//! Vector-Jacobian products by recomputation: run a small piece of the model again on fresh
-//! autodiff leaves and pull a known output gradient back to its inputs. The guidance's
-//! low-memory backward (`Unet::pull_back_features`) is a chain of these, so only one piece's
-//! autodiff graph is alive at a time instead of the whole truncated UNet's.
+//! Vector-Jacobian products of small pieces of the model, each on fresh autodiff leaves: a
+//! [`Kept`] piece runs now and is pulled back later from its kept graph; [`pullback`] runs a
+//! piece again (recomputation) and pulls it back at once. The guidance's low-memory backward
+//! (`Unet::pull_back_features`) is a chain of these, so no autodiff graph spans the whole
+//! truncated UNet, and no graph ever holds a self-attention score matrix.
 
 use burn::tensor::Tensor;
 
@@ -17,29 +18,49 @@ fn grad_of<const D: usize>(leaf: &Tensor<D>, grads: &burn::tensor::Gradients) ->
         .unwrap_or_else(|| leaf.clone().without_autodiff().zeros_like())
 }
 
-/// `gᵀ ∂f/∂x` at `x`.
+/// A piece `f(inputs)` that ran on autodiff leaves, with its graph kept for one pull-back.
+pub struct Kept<const N: usize, const D: usize, const E: usize> {
+    inputs: [Tensor<D>; N],
+    out: Tensor<E>,
+}
+
+impl<const N: usize, const D: usize, const E: usize> Kept<N, D, E> {
+    pub fn run(inputs: [&Tensor<D>; N], f: impl FnOnce([Tensor<D>; N]) -> Tensor<E>) -> Self {
+        let inputs = inputs.map(leaf);
+        let out = f(inputs.clone());
+        Self { inputs, out }
+    }
+
+    /// The output without autodiff, to feed the next piece.
+    pub fn output(&self) -> Tensor<E> {
+        self.out.clone().without_autodiff()
+    }
+
+    /// `gᵀ ∂f/∂input` for each input, in order. Consumes the graph.
+    pub fn pull_back(self, g: Tensor<E>) -> [Tensor<D>; N] {
+        let g = to_dtype(g.without_autodiff(), self.out.dtype());
+        let grads = (self.out * g).sum().backward();
+        self.inputs.map(|x| grad_of(&x, &grads))
+    }
+}
+
+/// `gᵀ ∂f/∂x` at `x`, by running `f` again.
 pub fn pullback<const D: usize, const E: usize>(
     x: &Tensor<D>,
     g: Tensor<E>,
     f: impl FnOnce(Tensor<D>) -> Tensor<E>,
 ) -> Tensor<D> {
-    let x = leaf(x);
-    let out = f(x.clone());
-    let g = to_dtype(g, out.dtype());
-    let grads = (out * g).sum().backward();
-    grad_of(&x, &grads)
+    let [gx] = Kept::run([x], |[x]| f(x)).pull_back(g);
+    gx
 }
 
-/// `gᵀ ∂f/∂a` and `gᵀ ∂f/∂b` at `(a, b)`.
+/// `gᵀ ∂f/∂a` and `gᵀ ∂f/∂b` at `(a, b)`, by running `f` again.
 pub fn pullback2<const D: usize, const E: usize>(
     a: &Tensor<D>,
     b: &Tensor<D>,
     g: Tensor<E>,
     f: impl FnOnce(Tensor<D>, Tensor<D>) -> Tensor<E>,
 ) -> (Tensor<D>, Tensor<D>) {
-    let (a, b) = (leaf(a), leaf(b));
-    let out = f(a.clone(), b.clone());
-    let g = to_dtype(g, out.dtype());
-    let grads = (out * g).sum().backward();
-    (grad_of(&a, &grads), grad_of(&b, &grads))
+    let [ga, gb] = Kept::run([a, b], |[a, b]| f(a, b)).pull_back(g);
+    (ga, gb)
 }

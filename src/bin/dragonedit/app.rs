@@ -56,6 +56,7 @@ pub enum Bank {
 /// How the guidance gradient is taken, on the command line.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Gradients {
+    Flash,
     Recompute,
     Tape,
 }
@@ -87,9 +88,10 @@ pub struct EditArgs {
     /// Memory bank: recompute each entry when needed, or store all from the inversion.
     #[arg(long, value_enum, default_value_t = Bank::Recompute)]
     pub bank: Bank,
-    /// Guidance gradient: recompute the UNet step by step in the backward (a fraction of the
-    /// memory), or keep burn's whole autodiff tape (faster where memory allows).
-    #[arg(long, value_enum, default_value_t = Gradients::Recompute)]
+    /// Guidance gradient: keep each UNet step's autodiff graph but recompute attention scores
+    /// in the backward (flash), recompute every step in the backward (the least memory), or
+    /// keep burn's whole autodiff tape (gigabytes of attention scores).
+    #[arg(long, value_enum, default_value_t = Gradients::Flash)]
     pub gradients: Gradients,
     /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
     /// compare a trace with the reference implementation's.

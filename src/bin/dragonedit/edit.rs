@@ -62,6 +62,7 @@ pub fn edit(model: &ModelArgs, args: &EditArgs) -> Result<()> {
             reference_quirks: args.reference_quirks,
         },
         gradients: match args.gradients {
+            Gradients::Flash => GradientMemory::Flash,
             Gradients::Recompute => GradientMemory::Recompute,
             Gradients::Tape => GradientMemory::Tape,
         },

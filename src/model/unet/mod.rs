@@ -11,8 +11,8 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 pub use self::hooks::{CaptureKv, DecoderAttention, KvHook, NoHook};
-pub use self::steps::FeatureCheckpoints;
 use self::steps::{Env, walk};
+pub use self::steps::{FeatureCheckpoints, Keep};
 use super::attention::AttentionPlan;
 use super::config::UnetConfig;
 use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype};

@@ -1,14 +1,15 @@
 //! The UNet as a flat list of steps over one running tensor and a stack of skip states. The
-//! forward walks it; the guidance's low-memory backward walks it in reverse, recomputing one
-//! step at a time from the step inputs the forward kept ([`FeatureCheckpoints`]).
+//! forward walks it; the guidance's low-memory backward walks it in reverse, one step at a
+//! time, from what the forward kept of each step ([`FeatureCheckpoints`]): its autodiff graph
+//! without attention scores, or only its input, to run it again.
 
 use burn::tensor::{DType, Tensor};
 
-use super::transformer::Transformer2D;
+use super::transformer::{Transformer2D, TransformerTrace};
 use super::{KvHook, NoHook, Unet};
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, to_dtype, upsample_nearest};
-use crate::model::pullback::{pullback, pullback2};
+use crate::model::pullback::{Kept, pullback, pullback2};
 use crate::model::resnet::ResnetBlock;
 
 /// One step of the UNet forward.
@@ -35,11 +36,28 @@ pub(super) struct Env<'a> {
     pub plan: &'a AttentionPlan,
 }
 
-/// The input of one computing step, kept by the checkpointed forward.
-pub(super) struct Saved {
-    x: Tensor<4>,
-    skip: Option<Tensor<4>>,
-    size: [usize; 2],
+/// What the checkpointed forward keeps of each computing step for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The step's autodiff graph; a transformer's without its self-attention scores, which
+    /// the backward recomputes in chunks. No step runs twice.
+    Graphs,
+    /// Only the step's input: the backward runs the step again, so only one step's graph is
+    /// ever alive. About one more truncated forward of work for the least memory.
+    Inputs,
+}
+
+/// What the checkpointed forward kept of one computing step.
+pub(super) enum Saved {
+    Input {
+        x: Tensor<4>,
+        skip: Option<Tensor<4>>,
+        size: [usize; 2],
+    },
+    Graph(Kept<1, 4, 4>),
+    /// A skip-joining resnet's graph, over `x` and the skip state.
+    JoinGraph(Kept<2, 4, 4>),
+    Transformer(Box<TransformerTrace>),
 }
 
 impl Step<'_> {
@@ -66,16 +84,42 @@ impl Step<'_> {
             Step::Save | Step::Output => x,
         }
     }
+
+    /// [`apply`](Self::apply) (without a hook), keeping what its pull-back needs.
+    fn keep(
+        &self,
+        x: Tensor<4>,
+        skip: Option<Tensor<4>>,
+        size: [usize; 2],
+        env: &Env,
+    ) -> (Tensor<4>, Saved) {
+        match (self, skip) {
+            (Step::Transformer(t, _), _) => {
+                let (out, trace) = t.trace(&x, env.context, env.plan);
+                (out, Saved::Transformer(Box::new(trace)))
+            }
+            (_, Some(skip)) => {
+                let kept = Kept::run([&x, &skip], |[x, skip]| {
+                    self.apply(x, Some(skip), size, env, &mut NoHook)
+                });
+                (kept.output(), Saved::JoinGraph(kept))
+            }
+            (_, None) => {
+                let kept = Kept::run([&x], |[x]| self.apply(x, None, size, env, &mut NoHook));
+                (kept.output(), Saved::Graph(kept))
+            }
+        }
+    }
 }
 
-/// Runs `steps` from `x`; returns the final `x` and the up block outputs. With `record`, every
-/// computing step's input is kept there.
+/// Runs `steps` from `x`; returns the final `x` and the up block outputs. With `record`, what
+/// the backward needs of every computing step is kept there.
 pub(super) fn walk(
     steps: &[Step],
     mut x: Tensor<4>,
     env: &Env,
     hook: &mut dyn KvHook,
-    mut record: Option<&mut Vec<Saved>>,
+    mut record: Option<(&mut Vec<Saved>, Keep)>,
 ) -> (Tensor<4>, Vec<Tensor<4>>) {
     let mut skips: Vec<Tensor<4>> = Vec::new();
     let mut outputs = Vec::new();
@@ -95,22 +139,29 @@ pub(super) fn walk(
                     .last()
                     .map(|s| [s.dims()[2], s.dims()[3]])
                     .unwrap_or([2 * h, 2 * w]);
-                if let Some(record) = record.as_deref_mut() {
-                    record.push(Saved {
-                        x: x.clone(),
-                        skip: skip.clone(),
-                        size,
-                    });
-                }
-                x = step.apply(x, skip, size, env, hook);
+                x = match record.as_mut() {
+                    None => step.apply(x, skip, size, env, hook),
+                    Some((saved, Keep::Inputs)) => {
+                        saved.push(Saved::Input {
+                            x: x.clone(),
+                            skip: skip.clone(),
+                            size,
+                        });
+                        step.apply(x, skip, size, env, hook)
+                    }
+                    Some((saved, Keep::Graphs)) => {
+                        let (out, kept) = step.keep(x, skip, size, env);
+                        saved.push(kept);
+                        out
+                    }
+                };
             }
         }
     }
     (x, outputs)
 }
 
-/// The guidance's truncated forward with every step input kept (without autodiff), so that
-/// [`Unet::pull_back_features`] can recompute it one step at a time.
+/// The guidance's truncated forward with what [`Unet::pull_back_features`] needs of every step.
 pub struct FeatureCheckpoints {
     saved: Vec<Saved>,
     features: Vec<Tensor<4>>,
@@ -150,14 +201,15 @@ impl Unet {
     }
 
     /// [`up_block_features`](Self::up_block_features) for a latent without autodiff, keeping
-    /// what [`pull_back_features`](Self::pull_back_features) needs: the input of every step,
-    /// a few activations per block instead of a whole autodiff graph.
+    /// what [`pull_back_features`](Self::pull_back_features) needs of every step: its graph
+    /// without attention scores, or only its input.
     pub fn checkpointed_features(
         &self,
         latent: Tensor<4>,
         timestep: f32,
         context: &Tensor<3>,
         last_up: usize,
+        keep: Keep,
     ) -> FeatureCheckpoints {
         let last_up = last_up.min(self.up.len() - 1);
         let latent = to_dtype(latent.without_autodiff(), self.dtype);
@@ -170,7 +222,7 @@ impl Unet {
         };
         let mut saved = Vec::new();
         let steps = self.steps(last_up);
-        let (_, outputs) = walk(&steps, latent, &env, &mut NoHook, Some(&mut saved));
+        let (_, outputs) = walk(&steps, latent, &env, &mut NoHook, Some((&mut saved, keep)));
         FeatureCheckpoints {
             saved,
             features: outputs
@@ -217,25 +269,50 @@ impl Unet {
                 }
                 Step::Save => g = add(g, skip_grads.pop().flatten()),
                 _ => {
-                    let s = saved
+                    let kept = saved
                         .pop()
-                        .expect("the checkpointed forward kept one input per computing step");
+                        .expect("the checkpointed forward kept one entry per computing step");
                     let Some(gy) = g.take() else {
-                        if s.skip.is_some() {
+                        if matches!(kept, Saved::JoinGraph(_))
+                            || matches!(kept, Saved::Input { skip: Some(_), .. })
+                        {
                             skip_grads.push(None);
                         }
                         continue;
                     };
-                    g = Some(match (step, &s.skip) {
-                        (Step::SkipResnet(_), Some(skip)) => {
-                            let (gx, gs) = pullback2(&s.x, skip, gy, |x, skip| {
-                                step.apply(x, Some(skip), s.size, &env, &mut NoHook)
+                    g = Some(match kept {
+                        Saved::Graph(kept) => {
+                            let [gx] = kept.pull_back(gy);
+                            gx
+                        }
+                        Saved::JoinGraph(kept) => {
+                            let [gx, gs] = kept.pull_back(gy);
+                            skip_grads.push(Some(gs));
+                            gx
+                        }
+                        Saved::Transformer(trace) => match step {
+                            Step::Transformer(t, _) => t.pull_back_trace(*trace, gy, env.plan),
+                            _ => unreachable!("a transformer trace belongs to a transformer step"),
+                        },
+                        Saved::Input {
+                            x,
+                            skip: Some(skip),
+                            size,
+                        } => {
+                            let (gx, gs) = pullback2(&x, &skip, gy, |x, skip| {
+                                step.apply(x, Some(skip), size, &env, &mut NoHook)
                             });
                             skip_grads.push(Some(gs));
                             gx
                         }
-                        (Step::Transformer(t, _), _) => t.pullback(&s.x, gy, &context, env.plan),
-                        _ => pullback(&s.x, gy, |x| step.apply(x, None, s.size, &env, &mut NoHook)),
+                        Saved::Input {
+                            x,
+                            skip: None,
+                            size,
+                        } => match step {
+                            Step::Transformer(t, _) => t.pullback(&x, gy, &context, env.plan),
+                            _ => pullback(&x, gy, |x| step.apply(x, None, size, &env, &mut NoHook)),
+                        },
                     });
                 }
             }

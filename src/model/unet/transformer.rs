@@ -7,7 +7,7 @@ use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear};
-use crate::model::pullback::{pullback, pullback2};
+use crate::model::pullback::Kept;
 use crate::weights::Loader;
 
 /// diffusers' `Attention` with separate q/k/v projections and `to_out.0`.
@@ -176,28 +176,54 @@ impl TransformerBlock {
         self.after_self_attention(o, x, context, plan)
     }
 
-    /// `gᵀ ∂block/∂x` at `x`, in three recomputed pieces so that the self-attention scores are
-    /// never held for autodiff: the projections (autodiff), the attention core (chunked manual
-    /// backward), the rest (autodiff).
-    fn pullback(
-        &self,
-        x: &Tensor<3>,
-        g: Tensor<3>,
-        context: &Tensor<3>,
-        plan: &AttentionPlan,
-    ) -> Tensor<3> {
-        let (q, k, v) = self.self_attention_inputs(x.clone());
-        let o = self.attn1.core(q.clone(), k.clone(), v.clone(), plan);
-        let (g_o, g_residual) = pullback2(&o, x, g, |o, x| {
-            self.after_self_attention(o, x, context, plan)
-        });
-        let g_qkv = self.attn1.core_pullback([q, k, v], o, g_o, plan);
-        let g_projections = pullback(x, Tensor::cat(g_qkv.to_vec(), 2), |x| {
+    /// Runs the block on `x` in three pieces for a later pull-back: the projections and the
+    /// rest keep their autodiff graphs; the self-attention core runs without one, keeping its
+    /// inputs and output, so no score matrix is ever held (its backward recomputes scores in
+    /// chunks).
+    fn trace(&self, x: &Tensor<3>, context: &Tensor<3>, plan: &AttentionPlan) -> BlockTrace {
+        let projections = Kept::run([x], |[x]| {
             let (q, k, v) = self.self_attention_inputs(x);
             Tensor::cat(vec![q, k, v], 2)
         });
+        let qkv = projections.output();
+        let width = qkv.dims()[2] / 3;
+        let qkv = [0, 1, 2].map(|i| qkv.clone().narrow(2, i * width, width));
+        let [q, k, v] = qkv.clone();
+        let o = self.attn1.core(q, k, v, plan);
+        let rest = Kept::run([&o, x], |[o, x]| {
+            self.after_self_attention(o, x, context, plan)
+        });
+        BlockTrace {
+            projections,
+            qkv,
+            o,
+            rest,
+        }
+    }
+
+    /// `gᵀ ∂block/∂x` from a [`trace`](Self::trace) of the block at `x`.
+    fn pull_back(&self, trace: BlockTrace, g: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
+        let [g_o, g_residual] = trace.rest.pull_back(g);
+        let g_qkv = self.attn1.core_pullback(trace.qkv, trace.o, g_o, plan);
+        let [g_projections] = trace.projections.pull_back(Tensor::cat(g_qkv.to_vec(), 2));
         g_residual + g_projections
     }
+}
+
+/// One transformer block's forward as its pull-back needs it (see [`TransformerBlock::trace`]).
+struct BlockTrace {
+    projections: Kept<1, 3, 3>,
+    qkv: [Tensor<3>; 3],
+    o: Tensor<3>,
+    rest: Kept<2, 3, 3>,
+}
+
+/// A Transformer2D's forward as its pull-back needs it: each piece's graph, and the
+/// self-attention cores' inputs and outputs, but no score matrix.
+pub struct TransformerTrace {
+    enter: Kept<1, 4, 3>,
+    blocks: Vec<BlockTrace>,
+    exit: Kept<1, 3, 4>,
 }
 
 /// How the transformer enters and leaves the token layout (SD 1.x: 1x1 convs; SD 2.x: linear).
@@ -307,8 +333,51 @@ impl Transformer2D {
         self.exit(tokens, dims) + x
     }
 
-    /// `gᵀ ∂transformer/∂x` at `x` (no hook: the guidance never replaces K/V), recomputing
-    /// block by block.
+    /// The forward at `x` (no hook: the guidance never replaces K/V), with what
+    /// [`pull_back_trace`](Self::pull_back_trace) needs.
+    pub fn trace(
+        &self,
+        x: &Tensor<4>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> (Tensor<4>, TransformerTrace) {
+        let dims = x.dims();
+        let enter = Kept::run([x], |[x]| self.enter(x));
+        let mut tokens = enter.output();
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let trace = block.trace(&tokens, context, plan);
+            tokens = trace.rest.output();
+            blocks.push(trace);
+        }
+        let exit = Kept::run([&tokens], |[t]| self.exit(t, dims));
+        let out = exit.output() + x.clone().without_autodiff();
+        (
+            out,
+            TransformerTrace {
+                enter,
+                blocks,
+                exit,
+            },
+        )
+    }
+
+    /// `gᵀ ∂transformer/∂x` from a [`trace`](Self::trace) at `x`.
+    pub fn pull_back_trace(
+        &self,
+        trace: TransformerTrace,
+        g: Tensor<4>,
+        plan: &AttentionPlan,
+    ) -> Tensor<4> {
+        let [mut g_tokens] = trace.exit.pull_back(g.clone());
+        for (block, piece) in self.blocks.iter().zip(trace.blocks).rev() {
+            g_tokens = block.pull_back(piece, g_tokens, plan);
+        }
+        let [g_x] = trace.enter.pull_back(g_tokens);
+        g_x + g
+    }
+
+    /// `gᵀ ∂transformer/∂x` at `x`, running the forward again.
     pub fn pullback(
         &self,
         x: &Tensor<4>,
@@ -316,19 +385,7 @@ impl Transformer2D {
         context: &Tensor<3>,
         plan: &AttentionPlan,
     ) -> Tensor<4> {
-        let dims = x.dims();
-        let mut tokens = vec![self.enter(x.clone())];
-        for block in &self.blocks {
-            let last = tokens[tokens.len() - 1].clone();
-            tokens.push(block.forward(last, context, plan, None));
-        }
-        let out = tokens
-            .pop()
-            .expect("tokens holds the input and every block output");
-        let mut g_tokens = pullback(&out, g.clone(), |t| self.exit(t, dims));
-        for (block, input) in self.blocks.iter().zip(&tokens).rev() {
-            g_tokens = block.pullback(input, g_tokens, context, plan);
-        }
-        pullback(x, g_tokens, |x| self.enter(x)) + g
+        let (_, trace) = self.trace(x, context, plan);
+        self.pull_back_trace(trace, g, plan)
     }
 }
