@@ -261,6 +261,7 @@ fn bench_prints_a_table_row_per_workload() {
         "UNet forward, batch 1",
         "UNet forward, batch 2",
         "guidance: truncated UNet forward + backward (move), step recompute",
+        "guidance: truncated UNet forward + backward (move), flash",
         "guidance: truncated UNet forward + backward (move), autodiff tape",
         "DDIM inversion",
         "whole edit: move",
@@ -282,4 +283,27 @@ fn bench_prints_a_table_row_per_workload() {
             .expect("number");
         assert!(median > 0.0, "{row}");
     }
+}
+
+#[test]
+fn bench_only_runs_the_rows_it_names() {
+    let out = dragonedit()
+        .args(["bench", "--cpu", "--tiny", "--runs", "1"])
+        .args(["--resolution", "64", "--steps", "2", "--only", "recompute"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| workload"))
+        .collect();
+    // "step recompute" and "flash (scores recomputed)"; not the tape, UNet or edit rows.
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[0].contains("step recompute"), "{stdout}");
+    assert!(rows[1].contains("flash"), "{stdout}");
 }
