@@ -21,18 +21,20 @@ cargo fmt --all -- --check
 export RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver)"
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
+log "cargo build with clippy -D warnings (native, all targets)"
+cargo build --release --all-targets
+
 # The wasm32 track (wasm-bindgen-cli and Trunk when missing, then the site build, whose cargo
-# build inherits the clippy wrapper and so lints the shipped features) runs beside the native
-# build and tests. On a cold machine both are long compiles whose single-threaded stretches
-# leave a core idle; on a warm one it takes a minute. Its log is printed when it is joined.
+# build inherits the clippy wrapper and so lints the shipped features) runs beside the cargo
+# tests, which leave part of the two cores idle. Not beside the native build: two cold builds of
+# burn at once thrash the cores (measured on a cold machine: 66 min for both, against 31 + 25
+# one after the other), while a build beside the tests gains (warm: 26.7 min for tests and a
+# Trunk install together, against 22.8 + 9.5). Its log is printed when it is joined.
 SITE_LOG="$(mktemp)"
 setsid -w bash -c 'source "$1/scripts/tools.sh"; build_site' _ "$ROOT" > "$SITE_LOG" 2>&1 &
 SITE_PID=$!
 trap 'kill -- -"$SITE_PID" 2>/dev/null || true' EXIT
 log "started the wasm32 track in the background (pid $SITE_PID)"
-
-log "cargo build with clippy -D warnings (native, all targets)"
-cargo build --release --all-targets
 
 log "cargo test (CPU and wgpu/lavapipe)"
 # lavapipe is slow to autotune; the minimal level keeps first calls short. --nocapture shows
