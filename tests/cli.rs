@@ -232,8 +232,8 @@ fn edit_explains_bad_specs() {
 
 /// `dragonedit bench` prints one table row per workload with positive times (tiny random model
 /// on the CPU; the real measurements need a GPU).
-#[test]
-fn bench_prints_a_table_row_per_workload() {
+/// Runs `dragonedit bench` on the CPU with the tiny model; returns its stdout and table rows.
+fn bench_rows(args: &[&str]) -> (String, Vec<String>) {
     let out = dragonedit()
         .args([
             "bench",
@@ -244,19 +244,26 @@ fn bench_prints_a_table_row_per_workload() {
             "--resolution",
             "64",
         ])
-        .args(["--steps", "3"])
+        .args(args)
         .output()
         .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<&str> = stdout
+    let rows = stdout
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| workload"))
+        .map(str::to_string)
         .collect();
+    (stdout, rows)
+}
+
+#[test]
+fn bench_prints_a_table_row_per_workload() {
+    let (stdout, rows) = bench_rows(&["--steps", "3"]);
     let names = [
         "UNet forward, batch 1",
         "UNet forward, batch 2",
@@ -287,21 +294,7 @@ fn bench_prints_a_table_row_per_workload() {
 
 #[test]
 fn bench_only_runs_the_rows_it_names() {
-    let out = dragonedit()
-        .args(["bench", "--cpu", "--tiny", "--runs", "1"])
-        .args(["--resolution", "64", "--steps", "2", "--only", "recompute"])
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| workload"))
-        .collect();
+    let (stdout, rows) = bench_rows(&["--steps", "2", "--only", "recompute"]);
     // "step recompute" and "flash (scores recomputed)"; not the tape, UNet or edit rows.
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows[0].contains("step recompute"), "{stdout}");

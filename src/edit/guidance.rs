@@ -83,17 +83,18 @@ pub async fn evaluate(
     let rows = if has_content { 2 } else { 1 };
     let latent = z.clone().without_autodiff().repeat_dim(0, rows);
     let gen_context = context.clone().repeat_dim(0, rows);
-    let (backward, gens) = match memory {
-        GradientMemory::Tape => {
+    let keep = match memory {
+        GradientMemory::Tape => None,
+        GradientMemory::Flash => Some(Keep::Graphs),
+        GradientMemory::Recompute => Some(Keep::Inputs),
+    };
+    let (backward, gens) = match keep {
+        None => {
             let leaf = latent.autodiff().require_grad();
             let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
             (Backward::Tape(Box::new(leaf)), gens)
         }
-        GradientMemory::Flash | GradientMemory::Recompute => {
-            let keep = match memory {
-                GradientMemory::Recompute => Keep::Inputs,
-                _ => Keep::Graphs,
-            };
+        Some(keep) => {
             let checkpoints =
                 unet.checkpointed_features(latent, timestep, &gen_context, last, keep);
             let gens = checkpoints

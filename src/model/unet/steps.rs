@@ -273,9 +273,10 @@ impl Unet {
                         .pop()
                         .expect("the checkpointed forward kept one entry per computing step");
                     let Some(gy) = g.take() else {
-                        if matches!(kept, Saved::JoinGraph(_))
-                            || matches!(kept, Saved::Input { skip: Some(_), .. })
-                        {
+                        if matches!(
+                            kept,
+                            Saved::JoinGraph(_) | Saved::Input { skip: Some(_), .. }
+                        ) {
                             skip_grads.push(None);
                         }
                         continue;
