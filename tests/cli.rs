@@ -265,8 +265,13 @@ fn bench_rows(args: &[&str]) -> (String, Vec<String>) {
 fn bench_prints_a_table_row_per_workload() {
     let (stdout, rows) = bench_rows(&["--steps", "3"]);
     let names = [
+        "op: conv3x3 320->320, [2,320,8,8], burn's conv2d",
+        "op: conv3x3 320->320, [2,320,8,8], im2col + matmul",
+        "op: attention core",
         "UNet forward, batch 1",
         "UNet forward, batch 2",
+        "VAE encode, 64 px",
+        "VAE decode, 64 px",
         "guidance: truncated UNet forward + backward (move), step recompute",
         "guidance: truncated UNet forward + backward (move), flash",
         "guidance: truncated UNet forward + backward (move), autodiff tape",
@@ -299,4 +304,17 @@ fn bench_only_runs_the_rows_it_names() {
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows[0].contains("step recompute"), "{stdout}");
     assert!(rows[1].contains("flash"), "{stdout}");
+    // Comma-separated alternatives; whole edits take their own run counts.
+    let (stdout, rows) = bench_rows(&[
+        "--steps",
+        "2",
+        "--only",
+        "VAE decode, whole edit: drag,",
+        "--edit-warmups",
+        "0",
+    ]);
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[0].contains("VAE decode"), "{stdout}");
+    assert!(rows[1].contains("whole edit: drag"), "{stdout}");
+    assert!(stdout.contains("0 + 1 per whole edit"), "{stdout}");
 }

@@ -11,6 +11,7 @@ use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
 use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, InversionCache, guidance};
+use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device, heap};
@@ -30,9 +31,23 @@ pub struct BenchArgs {
     pub cpu: bool,
     #[arg(long)]
     pub f16: bool,
-    /// Timed runs per workload, after one warm-up run.
+    /// Timed runs per workload, after the warm-ups.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Untimed runs before the timed ones (kernel compilation, autotune).
+    #[arg(long, default_value_t = 1)]
+    pub warmups: usize,
+    /// Timed runs of each whole edit [default: --runs].
+    #[arg(long)]
+    pub edit_runs: Option<usize>,
+    /// Warm-ups of each whole edit [default: --warmups]. 0 is fair after the other rows ran in
+    /// the same process: an edit runs the kernels they compiled, except the VAE's.
+    #[arg(long)]
+    pub edit_warmups: Option<usize>,
+    /// How stride-1 convolutions are computed: auto (im2col + matmul on a GPU, burn's
+    /// convolution on the CPU), direct (burn's convolution) or gemm (im2col + matmul).
+    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
+    pub conv: ConvArg,
     /// Square image size in pixels (a multiple of 64).
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
@@ -42,9 +57,45 @@ pub struct BenchArgs {
     /// Only the UNet, guidance and inversion rows.
     #[arg(long)]
     pub skip_edits: bool,
-    /// Only the rows whose name contains this text (e.g. "guidance").
+    /// Only the rows whose name contains one of these comma-separated texts (e.g.
+    /// "guidance" or "op:,UNet").
     #[arg(long)]
     pub only: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ConvArg {
+    Auto,
+    Direct,
+    Gemm,
+}
+
+impl From<ConvArg> for ConvStrategy {
+    fn from(c: ConvArg) -> Self {
+        match c {
+            ConvArg::Auto => ConvStrategy::Auto,
+            ConvArg::Direct => ConvStrategy::Direct,
+            ConvArg::Gemm => ConvStrategy::Gemm,
+        }
+    }
+}
+
+/// How many untimed and timed runs a row gets, and which rows run at all.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    only: Option<&'a str>,
+    warmups: usize,
+    runs: usize,
+}
+
+impl Plan<'_> {
+    fn selects(&self, name: &str) -> bool {
+        self.only.is_none_or(|only| {
+            only.split(',')
+                .map(str::trim)
+                .any(|part| !part.is_empty() && name.contains(part))
+        })
+    }
 }
 
 struct Row {
@@ -68,24 +119,27 @@ fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
     (Some(mib(peak)), Some(mib(largest)))
 }
 
-/// Runs `f` once to warm up (kernel compilation, autotune), then `runs` times, syncing the
-/// device after each. Rows that `only` leaves out are not run.
+/// Runs `f` to warm up (kernel compilation, autotune), then `runs` times, syncing the device
+/// after each, and prints the row at once (so a run stopped by a time limit keeps the rows it
+/// finished). Rows that the plan leaves out are not run.
 fn measure(
     name: &str,
-    only: Option<&str>,
+    plan: Plan,
     device: &Device,
-    runs: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Option<Row>> {
-    if only.is_some_and(|only| !name.contains(only)) {
+    if !plan.selects(name) {
         return Ok(None);
     }
-    eprintln!("bench: {name} (warm-up + {runs} runs)");
+    let Plan { warmups, runs, .. } = plan;
+    eprintln!("bench: {name} ({warmups} warm-ups + {runs} runs)");
     let heap_base = heap::start();
-    f()?;
-    device
-        .sync()
-        .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+    for _ in 0..warmups {
+        f()?;
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+    }
     let mut times_ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t0 = Instant::now();
@@ -96,13 +150,32 @@ fn measure(
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let (peak_mib, largest_mib) = pool(device);
-    Ok(Some(Row {
+    let row = Row {
         name: name.to_string(),
         times_ms,
         peak_mib,
         largest_mib,
         heap_mib: mib(heap::peak_since(heap_base) as u64),
-    }))
+    };
+    print_row(&row);
+    Ok(Some(row))
+}
+
+fn print_row(r: &Row) {
+    use std::io::Write;
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
+    let fastest = r.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "| {} | {:.1} | {:.1} | {} | {} | {:.0} |",
+        r.name,
+        median(&r.times_ms),
+        fastest,
+        fmt(r.peak_mib),
+        fmt(r.largest_mib),
+        r.heap_mib
+    );
+    // stdout is a pipe under the GPU script's `timeout`: flush each row as it lands.
+    let _ = std::io::stdout().flush();
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -220,6 +293,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if !(1..=1000).contains(&args.steps) {
         anyhow::bail!("--steps must be between 1 and 1000, got {}", args.steps);
     }
+    dragonedit::model::nn::set_conv_strategy(args.conv.into());
     let device = open_device(args.cpu)?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
@@ -227,8 +301,38 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let dtype = device::compute_dtype(&device, args.f16);
     let size = args.resolution;
     let (lh, lw) = (size as usize / 8, size as usize / 8);
-    let runs = args.runs.max(1);
-    let only = args.only.as_deref();
+    let plan = Plan {
+        only: args.only.as_deref(),
+        warmups: args.warmups,
+        runs: args.runs.max(1),
+    };
+    let edit_plan = Plan {
+        warmups: args.edit_warmups.unwrap_or(plan.warmups),
+        runs: args.edit_runs.unwrap_or(plan.runs).max(1),
+        ..plan
+    };
+    println!(
+        "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, \
+         {} warm-ups + {} runs ({} + {} per whole edit)",
+        if args.cpu { "CPU (flex)" } else { "GPU (wgpu)" },
+        device_name(&device),
+        dtype,
+        if dragonedit::model::nn::uses_gemm(&device) {
+            "im2col + matmul"
+        } else {
+            "burn's conv2d"
+        },
+        plan.warmups,
+        plan.runs,
+        edit_plan.warmups,
+        edit_plan.runs,
+    );
+    println!();
+    println!(
+        "| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB | peak heap MiB |"
+    );
+    println!("|---|---|---|---|---|---|");
+
     let context = sd.encode_prompts(&["", ""])?;
     let cond = context.clone().narrow(0, 1, 1);
     let z = sd.noise(1, (lh, lw));
@@ -236,22 +340,40 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
     // Reading one value back makes the device finish the work behind it.
     let read = |t: Tensor<4>| -> Result<()> { read_values(t.sum()).map(|_| ()) };
+    rows.extend(op_rows(plan, &device, dtype, (lh, lw), read)?);
     rows.extend(measure(
         &format!("UNet forward, batch 1, {lh}x{lw} latent"),
-        only,
+        plan,
         &device,
-        runs,
         || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
     )?);
     rows.extend(measure(
         &format!("UNet forward, batch 2 (CFG), {lh}x{lw}"),
-        only,
+        plan,
         &device,
-        runs,
         || {
             let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
             read(sd.unet.forward(pair, 981.0, &context, &mut NoHook))
         },
+    )?);
+
+    let image = Tensor::<4>::random(
+        [1, 3, size as usize, size as usize],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    )
+    .cast(dtype);
+    rows.extend(measure(
+        &format!("VAE encode, {size} px"),
+        plan,
+        &device,
+        || read(sd.encode_image(image.clone())?),
+    )?);
+    rows.extend(measure(
+        &format!("VAE decode, {size} px"),
+        plan,
+        &device,
+        || read(sd.decode(z.clone())),
     )?);
 
     let scenes = (scene(size, 0), scene(size, size / 5));
@@ -264,7 +386,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let editor = Editor::new(&sd, EngineOptions::default());
     let all = edits(size, args.steps);
     let move_edit = resolve(&all[0].1)?;
-    let plan = editor.plan(&move_edit)?;
+    let move_plan = editor.plan(&move_edit)?;
     // From the least memory to the most: the pool columns are peaks since the start.
     for (memory, how) in [
         (GradientMemory::Recompute, "step recompute"),
@@ -273,12 +395,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     ] {
         rows.extend(measure(
             &format!("guidance: truncated UNet forward + backward (move), {how}"),
-            only,
+            plan,
             &device,
-            runs,
             || {
                 let g = block_on(guidance::evaluate(
-                    &sd.unet, &plan, &z, &z, 981.0, &cond, memory,
+                    &sd.unet, &move_plan, &z, &z, 981.0, &cond, memory,
                 ))?;
                 read(g.guidance)
             },
@@ -287,9 +408,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let steps = args.steps;
     rows.extend(measure(
         &format!("DDIM inversion, {steps} steps"),
-        only,
+        plan,
         &device,
-        runs,
         || {
             let latents = block_on(sd.invert(z.clone(), &cond, steps, &mut NoHook, &mut |_| true))?;
             read(latents.last().cloned().context("no latents")?)
@@ -300,65 +420,85 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let edit = resolve(json)?;
             rows.extend(measure(
                 &format!("whole edit: {mode} ({steps} steps, {size} px)"),
-                only,
+                edit_plan,
                 &device,
-                runs,
                 || {
                     block_on(editor.run(&edit, None, &mut |_| true))?;
                     Ok(())
                 },
             )?);
         }
-        // The same move edit again on the same photo: the inversion kept by the warm-up run
-        // is reused, so this row against the first whole-edit row is what a second drag of one
-        // photo saves.
-        let mut cache = InversionCache::default();
-        let second = measure(
-            &format!("second edit of the same photo: move, inversion reused ({steps} steps)"),
-            only,
-            &device,
-            runs,
-            || {
+        // The same move edit again on the same photo: the first edit fills the cache, and
+        // every run after it reuses that inversion, so this row against the first whole-edit
+        // row is what a second drag of one photo saves.
+        let name = format!("second edit of the same photo: move, inversion reused ({steps} steps)");
+        if edit_plan.selects(&name) {
+            let mut cache = InversionCache::default();
+            let mut second = || -> Result<()> {
                 block_on(editor.run_reusing(&move_edit, &mut cache, None, &mut |_| true, None))?;
                 Ok(())
-            },
-        )?;
-        if let Some(row) = second {
+            };
+            second()?;
+            rows.extend(measure(&name, edit_plan, &device, &mut second)?);
+            let reuses = edit_plan.warmups + edit_plan.runs;
             anyhow::ensure!(
-                cache.hits() == runs,
-                "the second edit inverted again ({} reuses in {} runs)",
+                cache.hits() == reuses,
+                "the second edit inverted again ({} reuses in {reuses} runs)",
                 cache.hits(),
-                runs
             );
-            rows.push(row);
         }
     }
-
-    println!(
-        "dragonedit bench: {} on {}, {:?}, model: {model_name}, {runs} runs after a warm-up",
-        if args.cpu { "CPU (flex)" } else { "GPU (wgpu)" },
-        device_name(&device),
-        dtype
-    );
-    println!();
-    println!(
-        "| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB | peak heap MiB |"
-    );
-    println!("|---|---|---|---|---|---|");
-    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
-    for r in &rows {
-        let fastest = r.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
-        println!(
-            "| {} | {:.1} | {:.1} | {} | {} | {:.0} |",
-            r.name,
-            median(&r.times_ms),
-            fastest,
-            fmt(r.peak_mib),
-            fmt(r.largest_mib),
-            r.heap_mib
-        );
-    }
+    eprintln!("bench: {} rows", rows.len());
     Ok(())
+}
+
+/// Single operations at SD 1.5's shapes for this resolution, batch 2 (CFG): the two ways of
+/// convolving and the attention core, to show what the UNet's time is made of.
+fn op_rows(
+    plan: Plan,
+    device: &Device,
+    dtype: burn::tensor::DType,
+    (lh, lw): (usize, usize),
+    read: impl Fn(Tensor<4>) -> Result<()>,
+) -> Result<Vec<Row>> {
+    use burn::tensor::Distribution;
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use dragonedit::model::attention::AttentionPlan;
+    use dragonedit::model::nn::conv2d_gemm;
+
+    let names = [
+        format!("op: conv3x3 320->320, [2,320,{lh},{lw}], burn's conv2d"),
+        format!("op: conv3x3 320->320, [2,320,{lh},{lw}], im2col + matmul"),
+        format!("op: attention core, [2,8,{},40]", lh * lw),
+    ];
+    if !names.iter().any(|n| plan.selects(n)) {
+        return Ok(Vec::new());
+    }
+    let random = |shape: [usize; 4]| {
+        Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let x = random([2, 320, lh, lw]);
+    let w = random([320, 320, 3, 3]).mul_scalar(0.02);
+    let w_gemm: Tensor<3> = w.clone().permute([0, 2, 3, 1]).reshape([1, 320, 2880]);
+    let (q, k, v) = (
+        random([2, 8, lh * lw, 40]),
+        random([2, 8, lh * lw, 40]),
+        random([2, 8, lh * lw, 40]),
+    );
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    let mut rows = Vec::new();
+    rows.extend(measure(&names[0], plan, device, || {
+        read(conv2d(x.clone(), w.clone(), None, options.clone()))
+    })?);
+    rows.extend(measure(&names[1], plan, device, || {
+        read(conv2d_gemm(x.clone(), &w_gemm, None, 3, 1))
+    })?);
+    let attention = AttentionPlan::default();
+    rows.extend(measure(&names[2], plan, device, || {
+        read(attention.attend(q.clone(), k.clone(), v.clone(), false))
+    })?);
+    Ok(rows)
 }
 
 fn device_name(device: &Device) -> String {
