@@ -29,6 +29,12 @@ if ls .bench/diffusers-*.whl >/dev/null 2>&1 && ! python3 -c "import diffusers" 
   python3 -m pip install --quiet --no-deps --target /tmp/pylib .bench/diffusers-*.whl
   export PYTHONPATH="/tmp/pylib${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# cubecl keeps its autotune choices in target/environment under the repository root. One
+# call's choices, brought back as autotune-cache.tgz and put into .bench/, spare the next call
+# most of its tuning (the machines differ, the card and driver do not).
+if [ -f .bench/autotune-cache.tgz ]; then
+  mkdir -p target && tar -C target -xzf .bench/autotune-cache.tgz
+fi
 RES="$(mktemp -d)"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"; date -u; } > "$RES/machine.txt"
 
@@ -53,14 +59,20 @@ step() { # name, seconds, command...
 # The limits add up to 540 s, under one device call's 600. Each bench prints its rows as they
 # finish, so a step stopped by its limit keeps the rows it had. The edits run in the first
 # process, after the rows that compile and autotune their kernels, so they need no warm-up.
+# STEPS picks steps by name (default: all but ours-f16-edit, which is for a call of its own:
+# the f16 drag edit and second edit at full size, 250 s).
+STEPS="${STEPS:-ours-f16 ours-f16-direct torch-fp16 ours-f32 torch-fp32}"
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # shellcheck disable=SC2086 # the argument strings are word lists on purpose
 {
-  step ours-f16 230 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op:,batch,VAE,guidance,inversion,whole edit: move,whole edit: drag,second"
-  step ours-f16-direct 60 "$BIN" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "batch,flash"
-  step torch-fp16 100 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp16 --json "$RES/torch-fp16.json"
-  step ours-f32 90 "$BIN" bench $PASS_ARGS --skip-edits --only "op:,batch,VAE,guidance,inversion"
-  step torch-fp32 60 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp32 --skip-edits --json "$RES/torch-fp32.json"
+  wanted ours-f16 && step ours-f16 230 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op:,batch,VAE,guidance,inversion,whole edit: move,whole edit: drag,second"
+  wanted ours-f16-edit && step ours-f16-edit 250 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op:,batch 2,inversion,whole edit: drag,second"
+  wanted ours-f16-direct && step ours-f16-direct 60 "$BIN" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "batch,flash"
+  wanted torch-fp16 && step torch-fp16 100 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp16 --json "$RES/torch-fp16.json"
+  wanted ours-f32 && step ours-f32 90 "$BIN" bench $PASS_ARGS --skip-edits --only "op:,batch,VAE,guidance,inversion"
+  wanted torch-fp32 && step torch-fp32 60 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp32 --skip-edits --json "$RES/torch-fp32.json"
 }
-# At most 8 files come back from a device call: one archive, and the tables printed last.
+# At most 8 files come back from a device call: two archives, and the tables printed last.
 tar -C "$RES" -czf "$OUT/gpu-bench.tgz" .
+[ -d target/environment ] && tar -C target -czf "$OUT/autotune-cache.tgz" environment
 for f in "$RES"/machine.txt "$RES"/steps.txt "$RES"/*.md; do echo; echo "### $(basename "$f")"; cat "$f"; done

@@ -267,7 +267,8 @@ fn bench_prints_a_table_row_per_workload() {
     let names = [
         "op: conv3x3 320->320, [2,320,8,8], burn's conv2d",
         "op: conv3x3 320->320, [2,320,8,8], im2col + matmul",
-        "op: attention core",
+        "op: attention core, [2,8,64,40], score chunks",
+        "op: attention core, [2,8,64,40], burn's fused op",
         "UNet forward, batch 1",
         "UNet forward, batch 2",
         "VAE encode, 64 px",

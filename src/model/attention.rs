@@ -6,6 +6,7 @@
 //! query rows when one head alone is too large, keeping every score buffer under a budget.
 
 use burn::tensor::{Bool, Tensor, activation::softmax};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Upper bound on any single attention score buffer. 64 MiB keeps a score chunk, its softmax
 /// and the autodiff copies well under the 128 MiB WebGPU default binding size.
@@ -26,6 +27,45 @@ impl Default for AttentionPlan {
     }
 }
 
+/// How attention is computed where no gradient flows through it, for the whole process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionStrategy {
+    /// [`Fused`](AttentionStrategy::Fused) on a native GPU, else
+    /// [`Chunked`](AttentionStrategy::Chunked).
+    #[default]
+    Auto,
+    /// Score chunks under [`AttentionPlan::max_score_bytes`], softmax, matmul.
+    Chunked,
+    /// burn's fused attention op: natively its autotune picks a flash-attention kernel that never
+    /// writes the scores. Not in the browser, where burn runs without autotune and the op
+    /// materialises every score (BURN.md §4).
+    Fused,
+}
+
+static ATTENTION_STRATEGY: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how attention is computed from now on (the CLI's `--attention`).
+pub fn set_attention_strategy(strategy: AttentionStrategy) {
+    ATTENTION_STRATEGY.store(strategy as u8, Ordering::Relaxed);
+}
+
+/// Whether [`AttentionPlan::attend`] hands `q` (not causal, not under autodiff) to burn's fused
+/// op.
+pub fn uses_fused(q: &Tensor<4>) -> bool {
+    let wanted = match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        // Only cubecl devices report a memory pool: that tells the GPU from the CPU.
+        _ => cfg!(not(target_family = "wasm")) && q.device().memory_pool_report().is_some(),
+    };
+    // Under autodiff burn always differentiates the materialising fallback (BURN.md §4).
+    wanted && !q.is_autodiff()
+}
+
+/// If autotune picks the materialising fallback for a shape, the fused op holds every score of
+/// a call at once: the heads of one call are grouped so that stays under this.
+const FUSED_MAX_SCORE_BYTES: usize = 512 << 20;
+
 /// How one attention call is cut up: `heads_per_chunk` (batch x head) rows at a time, and
 /// `queries_per_chunk` query rows at a time within them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +79,41 @@ impl Chunking {
     pub fn score_bytes(&self, keys: usize, elem_bytes: usize) -> usize {
         self.heads_per_chunk * self.queries_per_chunk * keys * elem_bytes
     }
+}
+
+/// softmax(q kᵀ / sqrt(d)) v through burn's fused attention op, over groups of heads (see
+/// [`FUSED_MAX_SCORE_BYTES`]).
+pub fn attend_fused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    fused_in_groups(q, k, v, FUSED_MAX_SCORE_BYTES)
+}
+
+fn fused_in_groups(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, max_score_bytes: usize) -> Tensor<4> {
+    use burn::tensor::module::attention;
+    let [b, h, nq, _] = q.dims();
+    let nk = k.dims()[2];
+    let per_head = nq * nk * q.dtype().size();
+    let heads = (max_score_bytes / per_head.max(1)).clamp(1, h);
+    if heads == h {
+        // The default scale (1/sqrt(d)) keeps burn on its flash path; a custom one would not.
+        return attention(q, k, v, None, None, Default::default());
+    }
+    let groups: Vec<Tensor<4>> = (0..h)
+        .step_by(heads)
+        .map(|h0| {
+            let n = heads.min(h - h0);
+            attention(
+                q.clone().narrow(1, h0, n),
+                k.clone().narrow(1, h0, n),
+                v.clone().narrow(1, h0, n),
+                None,
+                None,
+                Default::default(),
+            )
+        })
+        .collect();
+    let out = Tensor::cat(groups, 1);
+    debug_assert_eq!(out.dims()[..3], [b, h, nq]);
+    out
 }
 
 impl AttentionPlan {
@@ -68,6 +143,21 @@ impl AttentionPlan {
     /// softmax(q kᵀ / sqrt(d)) v for `[B, H, N, D]` inputs. `causal` masks keys after the query
     /// position (CLIP's text encoder).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+        if !causal && uses_fused(&q) {
+            attend_fused(q, k, v)
+        } else {
+            self.attend_chunked(q, k, v, causal)
+        }
+    }
+
+    /// [`attend`](Self::attend) in score chunks, whatever the strategy.
+    pub fn attend_chunked(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        causal: bool,
+    ) -> Tensor<4> {
         let [b, h, nq, d] = q.dims();
         let nk = k.dims()[2];
         let dv = v.dims()[3];
@@ -229,6 +319,29 @@ mod tests {
             .attend(q.clone(), k.clone(), v.clone(), causal);
             let diff = (whole - tiny).abs().max().into_scalar::<f32>();
             assert!(diff < 1e-6, "causal={causal} diff={diff}");
+        }
+    }
+
+    #[test]
+    fn fused_equals_chunked() {
+        let device = burn::tensor::Device::flex();
+        let mk = |shape: [usize; 4], seed: f32| {
+            let n: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
+        };
+        let (q, k, v) = (
+            mk([2, 3, 10, 4], 0.1),
+            mk([2, 3, 7, 4], 1.3),
+            mk([2, 3, 7, 5], 2.7),
+        );
+        let chunked =
+            AttentionPlan::default().attend_chunked(q.clone(), k.clone(), v.clone(), false);
+        // All heads in one call, then one head per call.
+        for budget in [usize::MAX, 1] {
+            let fused = fused_in_groups(q.clone(), k.clone(), v.clone(), budget);
+            let diff = (fused - chunked.clone()).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-5, "budget {budget}: {diff}");
         }
     }
 

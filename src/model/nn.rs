@@ -99,25 +99,31 @@ fn gemm_in_bands(
             .matmul(x.reshape([b, c, h * w]))
             .reshape([b, out, oh, ow])
     } else {
-        let x = if padding > 0 {
-            x.pad(
-                [(padding, padding), (padding, padding)],
-                PadMode::Constant(0.0),
-            )
-        } else {
-            x
-        };
         let row_bytes = b * kernel * kernel * c * ow * x.dtype().size();
         let band = (band_bytes / row_bytes.max(1)).clamp(1, oh);
         let bands: Vec<Tensor<4>> = (0..oh)
             .step_by(band)
             .map(|r0| {
                 let rows = band.min(oh - r0);
+                // The input rows this band reads, padded here rather than the whole input
+                // first: a padded copy of a VAE activation at 512 px would pass WebGPU's
+                // 128 MiB binding size, which the activation itself just fits.
+                let (lo, hi) = (r0 as isize - padding as isize, r0 + rows + kernel - 1);
+                let top = (-lo).max(0) as usize;
+                let bottom = hi.saturating_sub(h + padding);
+                let (first, last) = (lo.max(0) as usize, (hi - padding).min(h));
+                let input = x.clone().slice([0..b, 0..c, first..last, 0..w]);
+                let input = if padding > 0 {
+                    input.pad([(top, bottom), (padding, padding)], PadMode::Constant(0.0))
+                } else {
+                    input
+                };
                 let shifted: Vec<Tensor<4>> = (0..kernel * kernel)
                     .map(|i| {
                         let (dy, dx) = (i / kernel, i % kernel);
-                        x.clone()
-                            .slice([0..b, 0..c, r0 + dy..r0 + dy + rows, dx..dx + ow])
+                        input
+                            .clone()
+                            .slice([0..b, 0..c, dy..dy + rows, dx..dx + ow])
                     })
                     .collect();
                 let cols = Tensor::cat(shifted, 1).reshape([b, kernel * kernel * c, rows * ow]);

@@ -11,6 +11,7 @@ use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
 use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, InversionCache, guidance};
+use dragonedit::model::attention::{AttentionStrategy, set_attention_strategy, uses_fused};
 use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
@@ -44,6 +45,10 @@ pub struct BenchArgs {
     /// the same process: an edit runs the kernels they compiled, except the VAE's.
     #[arg(long)]
     pub edit_warmups: Option<usize>,
+    /// How attention without gradients is computed: auto (burn's fused op on a GPU, score
+    /// chunks on the CPU), chunked or fused.
+    #[arg(long, value_enum, default_value_t = AttentionArg::Auto)]
+    pub attention: AttentionArg,
     /// How stride-1 convolutions are computed: auto (im2col + matmul on a GPU, burn's
     /// convolution on the CPU), direct (burn's convolution) or gemm (im2col + matmul).
     #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
@@ -76,6 +81,23 @@ impl From<ConvArg> for ConvStrategy {
             ConvArg::Auto => ConvStrategy::Auto,
             ConvArg::Direct => ConvStrategy::Direct,
             ConvArg::Gemm => ConvStrategy::Gemm,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AttentionArg {
+    Auto,
+    Chunked,
+    Fused,
+}
+
+impl From<AttentionArg> for AttentionStrategy {
+    fn from(a: AttentionArg) -> Self {
+        match a {
+            AttentionArg::Auto => AttentionStrategy::Auto,
+            AttentionArg::Chunked => AttentionStrategy::Chunked,
+            AttentionArg::Fused => AttentionStrategy::Fused,
         }
     }
 }
@@ -294,6 +316,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         anyhow::bail!("--steps must be between 1 and 1000, got {}", args.steps);
     }
     dragonedit::model::nn::set_conv_strategy(args.conv.into());
+    set_attention_strategy(args.attention.into());
     let device = open_device(args.cpu)?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
@@ -311,8 +334,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         runs: args.edit_runs.unwrap_or(plan.runs).max(1),
         ..plan
     };
+    let context = sd.encode_prompts(&["", ""])?;
+    let cond = context.clone().narrow(0, 1, 1);
+    let z = sd.noise(1, (lh, lw));
     println!(
-        "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, \
+        "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, attention: {}, \
          {} warm-ups + {} runs ({} + {} per whole edit)",
         if args.cpu { "CPU (flex)" } else { "GPU (wgpu)" },
         device_name(&device),
@@ -321,6 +347,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "im2col + matmul"
         } else {
             "burn's conv2d"
+        },
+        if uses_fused(&z) {
+            "burn's fused op"
+        } else {
+            "score chunks"
         },
         plan.warmups,
         plan.runs,
@@ -333,9 +364,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|");
 
-    let context = sd.encode_prompts(&["", ""])?;
-    let cond = context.clone().narrow(0, 1, 1);
-    let z = sd.noise(1, (lh, lw));
     let mut rows = Vec::new();
 
     // Reading one value back makes the device finish the work behind it.
@@ -347,6 +375,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         &device,
         || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
     )?);
+    if uses_fused(&z) {
+        // The same pass with the attention of the browser build, for the fused op's share.
+        set_attention_strategy(AttentionStrategy::Chunked);
+        let row = measure(
+            &format!("UNet forward, batch 1, {lh}x{lw} latent, attention in score chunks"),
+            plan,
+            &device,
+            || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
+        );
+        set_attention_strategy(args.attention.into());
+        rows.extend(row?);
+    }
     rows.extend(measure(
         &format!("UNet forward, batch 2 (CFG), {lh}x{lw}"),
         plan,
@@ -461,16 +501,17 @@ fn op_rows(
     (lh, lw): (usize, usize),
     read: impl Fn(Tensor<4>) -> Result<()>,
 ) -> Result<Vec<Row>> {
-    use burn::tensor::Distribution;
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
-    use dragonedit::model::attention::AttentionPlan;
+    use burn::tensor::{DType, Distribution};
+    use dragonedit::model::attention::{AttentionPlan, attend_fused};
     use dragonedit::model::nn::conv2d_gemm;
 
     let names = [
         format!("op: conv3x3 320->320, [2,320,{lh},{lw}], burn's conv2d"),
         format!("op: conv3x3 320->320, [2,320,{lh},{lw}], im2col + matmul"),
-        format!("op: attention core, [2,8,{},40]", lh * lw),
+        format!("op: attention core, [2,8,{},40], score chunks", lh * lw),
+        format!("op: attention core, [2,8,{},40], burn's fused op", lh * lw),
     ];
     if !names.iter().any(|n| plan.selects(n)) {
         return Ok(Vec::new());
@@ -496,8 +537,29 @@ fn op_rows(
     })?);
     let attention = AttentionPlan::default();
     rows.extend(measure(&names[2], plan, device, || {
-        read(attention.attend(q.clone(), k.clone(), v.clone(), false))
+        read(attention.attend_chunked(q.clone(), k.clone(), v.clone(), false))
     })?);
+    rows.extend(measure(&names[3], plan, device, || {
+        read(attend_fused(q.clone(), k.clone(), v.clone()))
+    })?);
+    // The fast paths against the plain ones on this device (parity tests run on lavapipe only).
+    let relative = |a: Tensor<4>, b: Tensor<4>| -> Result<f32> {
+        let diff = read_values((a - b.clone()).cast(DType::F32).powi_scalar(2).sum())?.1;
+        let norm = read_values(b.cast(DType::F32).powi_scalar(2).sum())?.1;
+        Ok((diff[0] / norm[0].max(f32::MIN_POSITIVE)).sqrt())
+    };
+    eprintln!(
+        "bench: check: im2col + matmul against burn's conv2d, relative error {:.2e}; \
+         fused attention against score chunks, {:.2e}",
+        relative(
+            conv2d_gemm(x.clone(), &w_gemm, None, 3, 1),
+            conv2d(x.clone(), w.clone(), None, options)
+        )?,
+        relative(
+            attend_fused(q.clone(), k.clone(), v.clone()),
+            attention.attend_chunked(q, k, v, false)
+        )?,
+    );
     Ok(rows)
 }
 
