@@ -297,16 +297,31 @@ mod tests {
         assert_eq!((c.heads_per_chunk, c.queries_per_chunk), (16, 4096));
     }
 
+    /// Smooth values that differ per element and per seed.
+    fn wave(shape: [usize; 4], seed: f32, device: &burn::tensor::Device) -> Tensor<4> {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+        Tensor::from_data(burn::tensor::TensorData::new(vals, shape), device)
+    }
+
+    /// 2 x 3 heads, 10 queries and 7 keys, with value width 5 unlike the key width 4.
+    fn qkv(device: &burn::tensor::Device) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        (
+            wave([2, 3, 10, 4], 0.1, device),
+            wave([2, 3, 7, 4], 1.3, device),
+            wave([2, 3, 7, 5], 2.7, device),
+        )
+    }
+
     #[test]
     fn chunked_equals_whole() {
         let device = burn::tensor::Device::flex();
         let shape = [2, 3, 10, 4];
-        let mk = |seed: f32| {
-            let n: usize = shape.iter().product();
-            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
-        };
-        let (q, k, v) = (mk(0.1), mk(1.3), mk(2.7));
+        let (q, k, v) = (
+            wave(shape, 0.1, &device),
+            wave(shape, 1.3, &device),
+            wave(shape, 2.7, &device),
+        );
         for causal in [false, true] {
             let whole = AttentionPlan {
                 max_score_bytes: usize::MAX,
@@ -325,16 +340,7 @@ mod tests {
     #[test]
     fn fused_equals_chunked() {
         let device = burn::tensor::Device::flex();
-        let mk = |shape: [usize; 4], seed: f32| {
-            let n: usize = shape.iter().product();
-            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
-        };
-        let (q, k, v) = (
-            mk([2, 3, 10, 4], 0.1),
-            mk([2, 3, 7, 4], 1.3),
-            mk([2, 3, 7, 5], 2.7),
-        );
+        let (q, k, v) = qkv(&device);
         let chunked =
             AttentionPlan::default().attend_chunked(q.clone(), k.clone(), v.clone(), false);
         // All heads in one call, then one head per call.
@@ -350,17 +356,8 @@ mod tests {
         // The chunked, recomputing backward against burn's autodiff through the plain forward,
         // for a chunking that splits both heads and query rows.
         let device = burn::tensor::Device::flex();
-        let mk = |shape: [usize; 4], seed: f32| {
-            let n: usize = shape.iter().product();
-            let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-            Tensor::<4>::from_data(burn::tensor::TensorData::new(vals, shape), &device)
-        };
-        let (q, k, v) = (
-            mk([2, 3, 10, 4], 0.1),
-            mk([2, 3, 7, 4], 1.3),
-            mk([2, 3, 7, 5], 2.7),
-        );
-        let g = mk([2, 3, 10, 5], 4.1);
+        let (q, k, v) = qkv(&device);
+        let g = wave([2, 3, 10, 5], 4.1, &device);
         let whole = AttentionPlan {
             max_score_bytes: usize::MAX,
         };
