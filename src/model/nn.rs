@@ -63,7 +63,7 @@ pub fn uses_gemm(device: &Device) -> bool {
         2 => true,
         // Only cubecl devices report a memory pool: that tells the GPU from the CPU. Not in the
         // browser: there burn runs without autotune, the gain was measured only natively, and on
-        // SwiftShader the browser tests' edits took 30-50 % longer this way.
+        // SwiftShader the browser tests' edits took 50-65 % longer this way.
         _ => cfg!(not(target_family = "wasm")) && device.memory_pool_report().is_some(),
     }
 }
