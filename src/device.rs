@@ -54,6 +54,13 @@ pub async fn webgpu() -> Result<Device> {
     })
 }
 
+/// Whether `device` is a GPU driven natively (Vulkan/Metal/DX12), where burn runs with
+/// autotune: not the CPU backend, and not the browser's WebGPU, which has no autotune. Only
+/// cubecl devices report a memory pool, which tells the GPU from the CPU.
+pub fn is_native_gpu(device: &Device) -> bool {
+    cfg!(not(target_family = "wasm")) && device.memory_pool_report().is_some()
+}
+
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
 pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     if want_f16 && device.supports_dtype(DType::F16) {

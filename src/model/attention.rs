@@ -52,14 +52,14 @@ pub fn set_attention_strategy(strategy: AttentionStrategy) {
 /// Whether [`AttentionPlan::attend`] hands `q` (not causal, not under autodiff) to burn's fused
 /// op.
 pub fn uses_fused(q: &Tensor<4>) -> bool {
-    let wanted = match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        // Only cubecl devices report a memory pool: that tells the GPU from the CPU.
-        _ => cfg!(not(target_family = "wasm")) && q.device().memory_pool_report().is_some(),
-    };
-    // Under autodiff burn always differentiates the materialising fallback (BURN.md §4).
-    wanted && !q.is_autodiff()
+    // Under autodiff burn always differentiates the materialising fallback (BURN.md §4). Checked
+    // first: it spares the device query on the guidance's hot path.
+    !q.is_autodiff()
+        && match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => crate::device::is_native_gpu(&q.device()),
+        }
 }
 
 /// If autotune picks the materialising fallback for a shape, the fused op holds every score of

@@ -61,10 +61,9 @@ pub fn uses_gemm(device: &Device) -> bool {
     match CONV_STRATEGY.load(Ordering::Relaxed) {
         1 => false,
         2 => true,
-        // Only cubecl devices report a memory pool: that tells the GPU from the CPU. Not in the
-        // browser: there burn runs without autotune, the gain was measured only natively, and on
-        // SwiftShader the browser tests' edits took 50-65 % longer this way.
-        _ => cfg!(not(target_family = "wasm")) && device.memory_pool_report().is_some(),
+        // Not in the browser: there burn runs without autotune, the gain was measured only
+        // natively, and on SwiftShader the browser tests' edits took 50-65 % longer this way.
+        _ => crate::device::is_native_gpu(device),
     }
 }
 
