@@ -306,10 +306,8 @@ fn eps_with_memory_bank(device: &Device, cases: &[&str], steps_to_check: &[usize
             .map(|(b, r)| dragonedit::edit::bank::TokenMasks::new(b.clone(), r.clone()));
         for &i in steps_to_check {
             let z: Tensor<4> = steps.index(i).tensor(device);
-            let entry = plan
-                .injects(i)
-                .then(|| editor.bank_entry(&plan, &inversion, i));
-            let pair = editor.eps_pair(&plan, &z, i, &context, entry.as_ref(), tokens.as_mut());
+            let bank = editor.step_bank(&plan, &inversion, i);
+            let pair = editor.eps_pair(&plan, &z, i, &context, bank, tokens.as_mut());
             let ours = dragonedit::diffusion::ddim::classifier_free(pair, g);
             assert_close(
                 &format!("{case}: eps_cfg at step {i}"),

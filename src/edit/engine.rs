@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use image::{RgbImage, imageops::FilterType};
 use sha2::{Digest, Sha256};
 
-use super::bank::{BankEntry, BankInjection, BankPolicy, TokenMasks};
+use super::bank::{BankEntry, BankInjection, BankPolicy, SharedPassInjection, TokenMasks};
 use super::guidance::{self, GradientMemory, Guidance};
 use super::initial::{initial_latent, place};
 use super::mask::{Mask, Placement};
@@ -177,6 +177,18 @@ impl KvHook for BankRecorder {
     }
 }
 
+/// Where one editing step's memory-bank K/V come from.
+#[derive(Clone, Copy)]
+pub enum StepBank<'a> {
+    /// The step injects nothing.
+    Off,
+    /// The entry stored during the inversion ([`BankPolicy::Store`]).
+    Stored(&'a BankEntry),
+    /// Recomputed from the inversion's latent in the step's own UNet pass
+    /// ([`BankPolicy::Recompute`]).
+    Shared(&'a Inversion),
+}
+
 /// Runs edits with one loaded model.
 pub struct Editor<'a> {
     pub sd: &'a StableDiffusion,
@@ -340,6 +352,23 @@ impl<'a> Editor<'a> {
         })
     }
 
+    /// Where editing step `step` takes its memory bank from: nowhere, the inversion's stored
+    /// entry, or the step's own UNet pass.
+    pub fn step_bank<'b>(
+        &self,
+        plan: &EditPlan,
+        inversion: &'b Inversion,
+        step: usize,
+    ) -> StepBank<'b> {
+        if !plan.injects(step) {
+            return StepBank::Off;
+        }
+        match inversion.bank.as_ref().and_then(|b| b.get(step)) {
+            Some(Some(entry)) => StepBank::Stored(entry),
+            _ => StepBank::Shared(inversion),
+        }
+    }
+
     /// The CFG noise prediction pair `[2, 4, h, w]` (unconditional, conditional) of editing step
     /// `step` at `z`, with the memory bank injected where the plan says.
     pub fn eps_pair(
@@ -348,36 +377,52 @@ impl<'a> Editor<'a> {
         z: &Tensor<4>,
         step: usize,
         context: &Tensor<3>,
-        entry: Option<&BankEntry>,
+        bank: StepBank<'_>,
         tokens: Option<&mut TokenMasks>,
     ) -> Tensor<4> {
+        self.eps_pair_measured(plan, z, step, context, bank, tokens)
+            .0
+    }
+
+    /// [`eps_pair`](Self::eps_pair), and the device bytes of the bank entry it used.
+    fn eps_pair_measured(
+        &self,
+        plan: &EditPlan,
+        z: &Tensor<4>,
+        step: usize,
+        context: &Tensor<3>,
+        bank: StepBank<'_>,
+        tokens: Option<&mut TokenMasks>,
+    ) -> (Tensor<4>, usize) {
         let t = self.sd.schedule.timesteps(plan.steps)[step] as f32;
         let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
-        match entry {
-            Some(entry) => {
+        match bank {
+            StepBank::Off => (self.sd.unet.forward(pair, t, context, &mut NoHook), 0),
+            StepBank::Stored(entry) => {
                 let mut hook = BankInjection {
                     injection: plan.injection,
                     entry,
                     tokens,
                 };
-                self.sd.unet.forward(pair, t, context, &mut hook)
+                let eps = self.sd.unet.forward(pair, t, context, &mut hook);
+                (eps, entry.bytes())
             }
-            None => self.sd.unet.forward(pair, t, context, &mut NoHook),
+            StepBank::Shared(inversion) => {
+                // The inversion's UNet call at this timestep had this input (§2.2).
+                let bank_latent = inversion.latents[plan.steps - 1 - step].clone();
+                let bank_rows = bank_latent.dims()[0];
+                let mut hook = SharedPassInjection {
+                    injection: plan.injection,
+                    bank_rows,
+                    tokens,
+                    bank_bytes: 0,
+                };
+                let batch = Tensor::cat(vec![bank_latent, pair], 0);
+                let contexts = Tensor::cat(vec![inversion.context.clone(), context.clone()], 0);
+                let eps = self.sd.unet.forward(batch, t, &contexts, &mut hook);
+                (eps.narrow(0, bank_rows, 2), hook.bank_bytes)
+            }
         }
-    }
-
-    /// The bank entry of editing step `step`: stored, or recomputed from the inversion latent.
-    pub fn bank_entry(&self, plan: &EditPlan, inversion: &Inversion, step: usize) -> BankEntry {
-        if let Some(Some(e)) = inversion.bank.as_ref().and_then(|b| b.get(step)) {
-            return e.clone();
-        }
-        let t = self.sd.schedule.timesteps(plan.steps)[step] as f32;
-        BankEntry::recompute(
-            &self.sd.unet,
-            inversion.latents[plan.steps - 1 - step].clone(),
-            t,
-            &inversion.context,
-        )
     }
 
     /// Guided DDIM sampling from the inversion (ALGORITHM.md §5.5, §9). `context` is the CFG
@@ -416,11 +461,12 @@ impl<'a> Editor<'a> {
         let g = plan.strengths.guidance_scale as f32;
         report(progress, Phase::Editing, 0, steps)?;
         for (i, &t) in timesteps.iter().enumerate() {
-            let entry = plan.injects(i).then(|| self.bank_entry(plan, inversion, i));
-            if let (Some(tr), Some(e), None) = (trace.as_deref_mut(), &entry, &inversion.bank) {
-                tr.bank_bytes = tr.bank_bytes.max(e.bytes());
+            let bank = self.step_bank(plan, inversion, i);
+            let (pair, bank_bytes) =
+                self.eps_pair_measured(plan, &z, i, context, bank, tokens.as_mut());
+            if let (Some(tr), None) = (trace.as_deref_mut(), &inversion.bank) {
+                tr.bank_bytes = tr.bank_bytes.max(bank_bytes);
             }
-            let pair = self.eps_pair(plan, &z, i, context, entry.as_ref(), tokens.as_mut());
             let eps = ddim::classifier_free(pair.clone(), g);
             let a_t = schedule.alpha_bar(t);
             let a_prev = schedule.alpha_bar(t - stride);

@@ -13,7 +13,9 @@ pub mod plan;
 pub mod spec;
 
 pub use bank::BankPolicy;
-pub use engine::{EditOutput, Editor, EngineOptions, Inversion, InversionCache, Preview, Trace};
+pub use engine::{
+    EditOutput, Editor, EngineOptions, Inversion, InversionCache, Preview, StepBank, Trace,
+};
 pub use guidance::GradientMemory;
 pub use plan::{EditPlan, Fidelity};
 pub use spec::{Edit, EditSpec, ModeKind};

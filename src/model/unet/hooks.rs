@@ -18,43 +18,36 @@ pub trait KvHook {
     /// Called once at the start of every UNet pass, before any layer.
     fn begin_pass(&mut self) {}
 
+    /// The K/V that the layer's queries attend to; by default its own.
     fn self_attention_kv(
         &mut self,
-        layer: DecoderAttention,
+        _layer: DecoderAttention,
         key: Tensor<3>,
         value: Tensor<3>,
-    ) -> (Tensor<3>, Tensor<3>);
+    ) -> (Tensor<3>, Tensor<3>) {
+        (key, value)
+    }
+
+    /// The self-attention core's output `[B, tokens, C]` for queries `q` and the layer's own
+    /// K/V. `core` attends (any rows, any number of keys). By default every row attends to
+    /// [`self_attention_kv`](Self::self_attention_kv)'s K/V in one call; a hook whose rows need
+    /// different numbers of keys (one pass that computes the memory bank and uses it) splits
+    /// the batch here.
+    fn self_attention(
+        &mut self,
+        layer: DecoderAttention,
+        q: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        core: &mut dyn FnMut(Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let (key, value) = self.self_attention_kv(layer, key, value);
+        core(q, key, value)
+    }
 }
 
 /// Leaves keys and values as they are.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoHook;
 
-impl KvHook for NoHook {
-    fn self_attention_kv(
-        &mut self,
-        _: DecoderAttention,
-        key: Tensor<3>,
-        value: Tensor<3>,
-    ) -> (Tensor<3>, Tensor<3>) {
-        (key, value)
-    }
-}
-
-/// Records every decoder self-attention K/V of one forward pass, in call order.
-#[derive(Debug, Default)]
-pub struct CaptureKv {
-    pub entries: Vec<(DecoderAttention, Tensor<3>, Tensor<3>)>,
-}
-
-impl KvHook for CaptureKv {
-    fn self_attention_kv(
-        &mut self,
-        layer: DecoderAttention,
-        key: Tensor<3>,
-        value: Tensor<3>,
-    ) -> (Tensor<3>, Tensor<3>) {
-        self.entries.push((layer, key.clone(), value.clone()));
-        (key, value)
-    }
-}
+impl KvHook for NoHook {}

@@ -10,7 +10,7 @@ pub mod transformer;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
-pub use self::hooks::{CaptureKv, DecoderAttention, KvHook, NoHook};
+pub use self::hooks::{DecoderAttention, KvHook, NoHook};
 use self::steps::{Env, walk};
 pub use self::steps::{FeatureCheckpoints, Keep};
 use super::attention::AttentionPlan;
@@ -172,17 +172,5 @@ impl Unet {
             .into_iter()
             .map(|x| to_dtype(x, DType::F32))
             .collect()
-    }
-
-    /// Runs every decoder block (not the output head) so that `hook` sees the K/V of every
-    /// decoder self-attention: how a memory-bank entry is recomputed (ALGORITHM.md §2.2).
-    pub fn capture_decoder_kv(
-        &self,
-        latent: Tensor<4>,
-        timestep: f32,
-        context: &Tensor<3>,
-        hook: &mut dyn KvHook,
-    ) {
-        let _ = self.run(latent, timestep, context, hook, self.up.len() - 1, false);
     }
 }

@@ -92,19 +92,14 @@ impl Attention {
         [gq, gk, gv].map(Self::merge_heads)
     }
 
-    /// Attention of `x` `[B, N, C]` over `context` (or itself). A hook, when given, sees the
-    /// projected K/V before the head split.
+    /// Attention of `x` `[B, N, C]` over `context` (or itself).
     pub fn forward(
         &self,
         x: Tensor<3>,
         context: Option<&Tensor<3>>,
         plan: &AttentionPlan,
-        hook: Option<(&mut dyn KvHook, DecoderAttention)>,
     ) -> Tensor<3> {
-        let (q, mut k, mut v) = self.project(x, context);
-        if let Some((hook, layer)) = hook {
-            (k, v) = hook.self_attention_kv(layer, k, v);
-        }
+        let (q, k, v) = self.project(x, context);
         self.to_out.forward(self.core(q, k, v, plan))
     }
 }
@@ -152,7 +147,7 @@ impl TransformerBlock {
         let x = self.attn1.to_out.forward(o) + x;
         let x = self
             .attn2
-            .forward(self.norm2.forward(x.clone()), Some(context), plan, None)
+            .forward(self.norm2.forward(x.clone()), Some(context), plan)
             + x;
         let h = self.ff_in.forward(self.norm3.forward(x.clone()));
         let inner = h.dims()[2] / 2;
@@ -168,11 +163,12 @@ impl TransformerBlock {
         plan: &AttentionPlan,
         hook: Option<(&mut dyn KvHook, DecoderAttention)>,
     ) -> Tensor<3> {
-        let (q, mut k, mut v) = self.self_attention_inputs(x.clone());
-        if let Some((hook, layer)) = hook {
-            (k, v) = hook.self_attention_kv(layer, k, v);
-        }
-        let o = self.attn1.core(q, k, v, plan);
+        let (q, k, v) = self.self_attention_inputs(x.clone());
+        let mut core = |q, k, v| self.attn1.core(q, k, v, plan);
+        let o = match hook {
+            Some((hook, layer)) => hook.self_attention(layer, q, k, v, &mut core),
+            None => core(q, k, v),
+        };
         self.after_self_attention(o, x, context, plan)
     }
 
