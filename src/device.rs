@@ -24,9 +24,27 @@ pub enum GraphicsApi {
     Any,
 }
 
+/// How the GPU's memory pool lays out its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolLayout {
+    /// cubecl's native default: allocations carved out of shared pages.
+    #[default]
+    Shared,
+    /// One page per allocation, in size buckets: what a wasm build (the browser) always gets,
+    /// so that a native run can show the browser's footprint.
+    Exclusive,
+}
+
 /// Opens the GPU natively. Without a usable adapter the error says so and names `--cpu`.
 #[cfg(not(target_family = "wasm"))]
 pub fn gpu(api: GraphicsApi) -> Result<Device> {
+    gpu_with_pools(api, PoolLayout::Shared)
+}
+
+/// [`gpu`] with the given memory-pool layout.
+#[cfg(not(target_family = "wasm"))]
+pub fn gpu_with_pools(api: GraphicsApi, pools: PoolLayout) -> Result<Device> {
+    use burn::tensor::wgpu::MemoryConfiguration;
     use burn::tensor::wgpu::WgpuBackend;
     let backend = match api {
         GraphicsApi::Native if cfg!(target_os = "macos") => WgpuBackend::Metal,
@@ -35,8 +53,11 @@ pub fn gpu(api: GraphicsApi) -> Result<Device> {
         GraphicsApi::Dx12 => WgpuBackend::Dx12,
         GraphicsApi::Any => WgpuBackend::Auto,
     };
-    Device::wgpu_options()
-        .graphics_api(backend)
+    let mut options = Device::wgpu_options().graphics_api(backend);
+    if pools == PoolLayout::Exclusive {
+        options = options.memory_config(MemoryConfiguration::ExclusivePages);
+    }
+    options
         .init()
         .map_err(|e| {
             Error::Device(format!(
@@ -68,6 +89,16 @@ pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     } else {
         DType::F32
     }
+}
+
+/// Hands the device pool's free pages back to the driver. An edit's phases (VAE encode, UNet
+/// passes, VAE decode) allocate activations of different sizes: kept, one phase's free pages
+/// sit beside the next phase's, so the tab's or process's footprint becomes their sum rather
+/// than the largest (in the browser each allocation has a page of its own, in size buckets that
+/// one phase's tensors rarely share with another's). Only pages with nothing live are freed, and
+/// burn runs queued work lazily, so call it after a read-back has run the phase's work.
+pub fn release_unused(device: &Device) {
+    device.memory_cleanup();
 }
 
 /// Copies a tensor's values to the host as f32. Asynchronous because a WebGPU read-back can only

@@ -121,3 +121,43 @@ fn sd15_self_attention_at_512px_allocates_no_buffer_over_256_mib() {
         largest / MIB
     );
 }
+
+/// `release_unused` hands free pages back to the driver: an edit calls it between its phases so
+/// that the VAE's and the UNet's activations are not reserved at the same time.
+#[test]
+fn released_pages_leave_the_pool() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(device) = common::wgpu_device() else {
+        return;
+    };
+    let reserved = || {
+        device
+            .memory_pool_usage()
+            .expect("wgpu reports its usage")
+            .bytes_reserved
+    };
+    dragonedit::device::release_unused(&device);
+    let before = reserved();
+    // 64 MiB that is computed, read back (so it ran) and dropped.
+    let big = Tensor::<2>::random([4096, 4096], Distribution::Normal(0.0, 1.0), &device);
+    let sum = block_on(dragonedit::device::read_back((big.clone() * 2.0).sum())).expect("reads");
+    assert!(sum[0].is_finite());
+    drop(big);
+    let held = reserved();
+    dragonedit::device::release_unused(&device);
+    let after = reserved();
+    println!(
+        "pool reserved: {:.1} MiB before, {:.1} MiB with the tensors dropped, {:.1} MiB released",
+        before as f64 / MIB as f64,
+        held as f64 / MIB as f64,
+        after as f64 / MIB as f64
+    );
+    assert!(
+        held >= before + 64 * MIB,
+        "the pool never held the 64 MiB tensor"
+    );
+    assert!(
+        after + 64 * MIB <= held,
+        "release_unused kept the dropped tensors' pages"
+    );
+}

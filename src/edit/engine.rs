@@ -13,7 +13,7 @@ use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
 use super::spec::Edit;
 use crate::StableDiffusion;
-use crate::device::read_back;
+use crate::device::{read_back, release_unused};
 use crate::diffusion::ddim;
 use crate::error::{Error, Result};
 use crate::image as pixels;
@@ -249,6 +249,10 @@ impl<'a> Editor<'a> {
         let context = self.sd.encode_prompts(&prompts)?;
         report(progress, Phase::EncodingImage, 0, 1)?;
         let z0 = self.sd.encode_image(self.images(edit, plan)?)?;
+        // The VAE's activations are free once the latent exists: their pages go back before
+        // the UNet's are taken.
+        read_back(z0.clone()).await?;
+        release_unused(self.sd.device());
         self.invert_latent(plan, z0, context, progress).await
     }
 
@@ -342,9 +346,13 @@ impl<'a> Editor<'a> {
             .sample(&plan, inversion, &context, trace, progress, preview)
             .await?;
         report(progress, Phase::Decoding, 0, 1)?;
+        // `sample` read the final latent back, so the UNet's pages are free; the VAE decoder
+        // then takes its own, and they go back once the image is on the host.
+        release_unused(self.sd.device());
         let image = self.sd.decode(z.clone());
         let [_, _, h, w] = image.dims();
         let values = read_back(image).await?;
+        release_unused(self.sd.device());
         let image = pixels::image_from_values(&values, h, w)?;
         Ok(EditOutput {
             image,
