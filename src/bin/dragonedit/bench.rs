@@ -17,7 +17,7 @@ use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device, heap};
 
-use crate::run::{Bar, load_dir, load_source, open_device, read_values};
+use crate::run::{Bar, load_dir, load_source, open_device_with_pools, read_values};
 
 /// What `bench` measures and how.
 #[derive(clap::Args)]
@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Diffusion steps of the inversion and of each edit.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// The GPU memory pool's layout: shared (the native default: allocations carved out of
+    /// shared pages) or exclusive (one page per allocation, in size buckets, as in the browser).
+    #[arg(long, value_enum, default_value_t = PoolsArg::Shared)]
+    pub pools: PoolsArg,
     /// Only the UNet, guidance and inversion rows.
     #[arg(long)]
     pub skip_edits: bool,
@@ -66,6 +70,21 @@ pub struct BenchArgs {
     /// "guidance" or "op:,UNet").
     #[arg(long)]
     pub only: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PoolsArg {
+    Shared,
+    Exclusive,
+}
+
+impl From<PoolsArg> for device::PoolLayout {
+    fn from(p: PoolsArg) -> Self {
+        match p {
+            PoolsArg::Shared => Self::Shared,
+            PoolsArg::Exclusive => Self::Exclusive,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -317,7 +336,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     dragonedit::model::nn::set_conv_strategy(args.conv.into());
     set_attention_strategy(args.attention.into());
-    let device = open_device(args.cpu)?;
+    let device = open_device_with_pools(args.cpu, args.pools.into())?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
     drop(bar);
@@ -340,7 +359,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     println!(
         "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, attention: {}, \
          {} warm-ups + {} runs ({} + {} per whole edit)",
-        if args.cpu { "CPU (flex)" } else { "GPU (wgpu)" },
+        match (args.cpu, args.pools) {
+            (true, _) => "CPU (flex)",
+            (false, PoolsArg::Shared) => "GPU (wgpu)",
+            (false, PoolsArg::Exclusive) => "GPU (wgpu, one page per allocation)",
+        },
         device_name(&device),
         dtype,
         if dragonedit::model::nn::uses_gemm(&device) {
@@ -458,15 +481,30 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if !args.skip_edits {
         for (mode, json) in &all {
             let edit = resolve(json)?;
-            rows.extend(measure(
-                &format!("whole edit: {mode} ({steps} steps, {size} px)"),
-                edit_plan,
-                &device,
-                || {
-                    block_on(editor.run(&edit, None, &mut |_| true))?;
-                    Ok(())
-                },
-            )?);
+            let name = format!("whole edit: {mode} ({steps} steps, {size} px)");
+            // What the pool reserves between steps, where every step's work has been read
+            // back: the footprint the driver sees, which `pool` (each pool's own peak, summed)
+            // does not tell when pages are handed back between phases.
+            let reserved = std::cell::Cell::new(0u64);
+            let sample = || {
+                if let Some(u) = device.memory_pool_usage() {
+                    reserved.set(reserved.get().max(u.bytes_reserved));
+                }
+            };
+            rows.extend(measure(&name, edit_plan, &device, || {
+                block_on(editor.run(&edit, None, &mut |_| {
+                    sample();
+                    true
+                }))?;
+                sample();
+                Ok(())
+            })?);
+            if reserved.get() > 0 {
+                eprintln!(
+                    "bench: {name}: the pool reserved at most {:.0} MiB at the edit's progress reports",
+                    mib(reserved.get())
+                );
+            }
         }
         // The same move edit again on the same photo: the first edit fills the cache, and
         // every run after it reuses that inversion, so this row against the first whole-edit

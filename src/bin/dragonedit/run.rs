@@ -60,10 +60,14 @@ impl Drop for Bar {
 }
 
 pub fn open_device(cpu: bool) -> Result<Device> {
+    open_device_with_pools(cpu, device::PoolLayout::Shared)
+}
+
+pub fn open_device_with_pools(cpu: bool, pools: device::PoolLayout) -> Result<Device> {
     if cpu {
         return Ok(device::cpu());
     }
-    Ok(device::gpu(device::GraphicsApi::Native)?)
+    Ok(device::gpu_with_pools(device::GraphicsApi::Native, pools)?)
 }
 
 /// The local folder of `--model`: itself, or the cached download of a URL.
