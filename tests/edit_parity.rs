@@ -307,7 +307,7 @@ fn eps_with_memory_bank(device: &Device, cases: &[&str], steps_to_check: &[usize
         for &i in steps_to_check {
             let z: Tensor<4> = steps.index(i).tensor(device);
             let bank = editor.step_bank(&plan, &inversion, i);
-            let pair = editor.eps_pair(&plan, &z, i, &context, bank, tokens.as_mut());
+            let (pair, _) = editor.eps_pair(&plan, &z, i, &context, bank, tokens.as_mut());
             let ours = dragonedit::diffusion::ddim::classifier_free(pair, g);
             assert_close(
                 &format!("{case}: eps_cfg at step {i}"),

@@ -378,22 +378,9 @@ impl<'a> Editor<'a> {
     }
 
     /// The CFG noise prediction pair `[2, 4, h, w]` (unconditional, conditional) of editing step
-    /// `step` at `z`, with the memory bank injected where the plan says.
+    /// `step` at `z`, with the memory bank injected where the plan says, and the device bytes of
+    /// the bank entry it used (for the trace).
     pub fn eps_pair(
-        &self,
-        plan: &EditPlan,
-        z: &Tensor<4>,
-        step: usize,
-        context: &Tensor<3>,
-        bank: StepBank<'_>,
-        tokens: Option<&mut TokenMasks>,
-    ) -> Tensor<4> {
-        self.eps_pair_measured(plan, z, step, context, bank, tokens)
-            .0
-    }
-
-    /// [`eps_pair`](Self::eps_pair), and the device bytes of the bank entry it used.
-    fn eps_pair_measured(
         &self,
         plan: &EditPlan,
         z: &Tensor<4>,
@@ -470,8 +457,7 @@ impl<'a> Editor<'a> {
         report(progress, Phase::Editing, 0, steps)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let bank = self.step_bank(plan, inversion, i);
-            let (pair, bank_bytes) =
-                self.eps_pair_measured(plan, &z, i, context, bank, tokens.as_mut());
+            let (pair, bank_bytes) = self.eps_pair(plan, &z, i, context, bank, tokens.as_mut());
             if let (Some(tr), None) = (trace.as_deref_mut(), &inversion.bank) {
                 tr.bank_bytes = tr.bank_bytes.max(bank_bytes);
             }
