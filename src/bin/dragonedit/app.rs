@@ -61,6 +61,16 @@ pub enum Gradients {
     Tape,
 }
 
+impl From<Gradients> for dragonedit::edit::GradientMemory {
+    fn from(g: Gradients) -> Self {
+        match g {
+            Gradients::Flash => Self::Flash,
+            Gradients::Recompute => Self::Recompute,
+            Gradients::Tape => Self::Tape,
+        }
+    }
+}
+
 /// The `edit` command's inputs.
 #[derive(Args)]
 pub struct EditArgs {

@@ -17,6 +17,7 @@ use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device, heap};
 
+use crate::app::Gradients;
 use crate::run::{Bar, load_dir, load_source, open_device_with_pools, read_values};
 
 /// What `bench` measures and how.
@@ -63,6 +64,9 @@ pub struct BenchArgs {
     /// shared pages) or exclusive (one page per allocation, in size buckets, as in the browser).
     #[arg(long, value_enum, default_value_t = PoolsArg::Shared)]
     pub pools: PoolsArg,
+    /// How the whole edits take the guidance gradient (the guidance rows run every way).
+    #[arg(long, value_enum, default_value_t = Gradients::Flash)]
+    pub gradients: Gradients,
     /// Only the UNet, guidance and inversion rows.
     #[arg(long)]
     pub skip_edits: bool,
@@ -358,7 +362,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let z = sd.noise(1, (lh, lw));
     println!(
         "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, attention: {}, \
-         {} warm-ups + {} runs ({} + {} per whole edit)",
+         {} warm-ups + {} runs ({} + {} per whole edit, guidance gradient: {:?})",
         match (args.cpu, args.pools) {
             (true, _) => "CPU (flex)",
             (false, PoolsArg::Shared) => "GPU (wgpu)",
@@ -380,6 +384,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         plan.runs,
         edit_plan.warmups,
         edit_plan.runs,
+        GradientMemory::from(args.gradients),
     );
     println!();
     println!(
@@ -446,7 +451,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let reference = spec.mode.kind().needs_reference().then(|| scenes.1.clone());
         Ok(spec.resolve(scenes.0.clone(), reference, &mut |_| Ok(mask.clone()))?)
     };
-    let editor = Editor::new(&sd, EngineOptions::default());
+    let editor = Editor::new(
+        &sd,
+        EngineOptions {
+            gradients: args.gradients.into(),
+            ..EngineOptions::default()
+        },
+    );
     let all = edits(size, args.steps);
     let move_edit = resolve(&all[0].1)?;
     let move_plan = editor.plan(&move_edit)?;

@@ -9,10 +9,10 @@ use ::image::RgbImage;
 use anyhow::{Context, Result};
 use burn::tensor::Tensor;
 use dragonedit::edit::engine::Trace;
-use dragonedit::edit::{BankPolicy, EditSpec, Editor, EngineOptions, Fidelity, GradientMemory};
+use dragonedit::edit::{BankPolicy, EditSpec, Editor, EngineOptions, Fidelity};
 use dragonedit::image;
 
-use crate::app::{Bank, EditArgs, Gradients, ModelArgs};
+use crate::app::{Bank, EditArgs, ModelArgs};
 use crate::run::{Bar, load, npy_bytes, read_photo, read_values};
 
 /// Writes `bytes` to `path` through a temporary file, so a failure never leaves half a file.
@@ -61,11 +61,7 @@ pub fn edit(model: &ModelArgs, args: &EditArgs) -> Result<()> {
         fidelity: Fidelity {
             reference_quirks: args.reference_quirks,
         },
-        gradients: match args.gradients {
-            Gradients::Flash => GradientMemory::Flash,
-            Gradients::Recompute => GradientMemory::Recompute,
-            Gradients::Tape => GradientMemory::Tape,
-        },
+        gradients: args.gradients.into(),
     };
     let editor = Editor::new(&sd, options);
     let mut trace = args.trace.as_ref().map(|_| Trace::default());
