@@ -66,7 +66,7 @@ step() { # name, seconds, command...
 # ours-f16-direct, ours-f16-tape, ours-f16-browser-pools (the move edit with the browser's
 # one-page-per-allocation pools, for the footprint an edit has in a tab), ours-f16-edit-recompute
 # (the move edit with the guidance recomputed step by step: its time and footprint against the
-# default flash gradient's, which holds about 5x the guidance's activations).
+# default flash gradient's, whose guidance holds about 5x as much at once).
 STEPS="${STEPS:-ours-f16 torch-fp16 ours-f32 torch-fp32}"
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # shellcheck disable=SC2086 # the argument strings are word lists on purpose
