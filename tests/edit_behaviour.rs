@@ -196,9 +196,10 @@ fn energy_gradients_match_finite_differences() {
     }
 }
 
-/// The low-memory guidance backwards (per-step graphs or step recomputation, both with the
-/// chunked attention backward) give the tape's gradients in every mode, also when attention is
-/// cut into single heads and a few query rows (the chunking a 512 px run uses).
+/// The low-memory guidance backwards (per-step graphs, step recomputation, or hand-written
+/// pull-backs from one row's checkpoints, all with the chunked attention backward) give the
+/// tape's gradients in every mode, also when attention is cut into single heads and a few
+/// query rows (the chunking a 512 px run uses).
 #[test]
 fn low_memory_guidance_gradients_equal_the_tape() {
     let device = Device::flex();
@@ -227,6 +228,8 @@ fn low_memory_guidance_gradients_equal_the_tape() {
             ("flash, chunked", &chunked, GradientMemory::Flash),
             ("recompute, whole", &sd.unet, GradientMemory::Recompute),
             ("recompute, chunked", &chunked, GradientMemory::Recompute),
+            ("lean, whole", &sd.unet, GradientMemory::Lean),
+            ("lean, chunked", &chunked, GradientMemory::Lean),
         ] {
             let rec = block_on(guidance::evaluate(
                 unet, &p, &z, &z_ref, 941.0, &cond, memory,

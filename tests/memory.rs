@@ -4,8 +4,8 @@
 //! cheap on software Vulkan: the score matrices, which the chunking bounds, are the same size. Measured on the wgpu backend through burn's
 //! memory-pool report (lavapipe in CI also caps bindings at 128 MiB, like WebGPU's default).
 
-//! And the guidance's low-memory gradients (per-step graphs without attention scores, or step
-//! recomputation) must hold a fraction of what burn's autodiff tape holds, measured on the CPU
+//! And the guidance's low-memory gradients (per-step graphs without attention scores, lean
+//! checkpoints, or step recomputation) must hold a fraction of what burn's autodiff tape holds, measured on the CPU
 //! backend by counting heap bytes.
 
 mod common;
@@ -68,19 +68,28 @@ fn low_memory_guidance_holds_a_fraction_of_the_autodiff_tape() {
     run(GradientMemory::Recompute);
     let tape = peak_during(|| run(GradientMemory::Tape));
     let flash = peak_during(|| run(GradientMemory::Flash));
+    let lean = peak_during(|| run(GradientMemory::Lean));
     let recompute = peak_during(|| run(GradientMemory::Recompute));
     let mib = |b: usize| b as f64 / MIB as f64;
     println!(
-        "guidance peak heap: tape {:.1} MiB, flash {:.1} MiB, recompute {:.1} MiB",
+        "guidance peak heap: tape {:.1} MiB, flash {:.1} MiB, lean {:.1} MiB, recompute {:.1} MiB",
         mib(tape),
         mib(flash),
+        mib(lean),
         mib(recompute)
     );
     // The tape holds about three score-sized tensors per head and layer (2 layers x 16 heads x
     // 4 MiB x 3 = 384 MiB) and every activation. Flash holds every step's graph but no score,
-    // recomputation about three of one chunk plus the step inputs. Measured 536 MiB, 100 MiB
-    // and 25 MiB.
+    // recomputation about three of one chunk plus the step inputs. Lean keeps a few
+    // activations per step, for one row instead of two, and no graph. Measured 536 MiB, 100
+    // MiB, 23 MiB and 25 MiB.
     assert!(tape > 256 << 20, "the tape held only {:.1} MiB", mib(tape));
+    assert!(
+        lean * 3 < flash,
+        "lean held {:.1} MiB against flash's {:.1} MiB",
+        mib(lean),
+        mib(flash)
+    );
     assert!(
         flash * 4 < tape,
         "flash held {:.1} MiB against the tape's {:.1} MiB",

@@ -8,6 +8,7 @@ use super::energy::{Level, energies};
 use super::plan::EditPlan;
 use crate::device::read_back;
 use crate::error::{Error, Result};
+use crate::model::pullback::widen;
 use crate::model::unet::{FeatureCheckpoints, Keep, Unet};
 
 /// The up blocks whose outputs are the features (`up_ft_index = [1, 2]`).
@@ -28,6 +29,10 @@ pub enum GradientMemory {
     /// (`Unet::pull_back_features`). About one more truncated forward of work for the least
     /// memory.
     Recompute,
+    /// The forward runs once, for one row, and keeps a few activations per step; the backward
+    /// pulls both energies' rows back by hand through the convolutions, linear layers and
+    /// attention cores, running only the norms and activations again (`Keep::Lean`).
+    Lean,
 }
 
 /// Where the features' gradient is taken back to the latent.
@@ -81,13 +86,21 @@ pub async fn evaluate(
         super::plan::EnergyPlan::Drag { other: None, .. }
     );
     let rows = if has_content { 2 } else { 1 };
-    let latent = z.clone().without_autodiff().repeat_dim(0, rows);
-    let gen_context = context.clone().repeat_dim(0, rows);
     let keep = match memory {
         GradientMemory::Tape => None,
         GradientMemory::Flash => Some(Keep::Graphs),
         GradientMemory::Recompute => Some(Keep::Inputs),
+        GradientMemory::Lean => Some(Keep::Lean),
     };
+    // Both rows see the same forward: a backward that takes a batch of cotangents through one
+    // row's checkpoints runs it once. Per-step graphs (flash) can only take back a cotangent of
+    // their own batch.
+    let forward_rows = match keep {
+        Some(Keep::Lean | Keep::Inputs) => 1,
+        _ => rows,
+    };
+    let latent = z.clone().without_autodiff().repeat_dim(0, forward_rows);
+    let gen_context = context.clone().repeat_dim(0, forward_rows);
     let (backward, gens) = match keep {
         None => {
             let leaf = latent.autodiff().require_grad();
@@ -100,7 +113,7 @@ pub async fn evaluate(
             let gens = checkpoints
                 .features()
                 .iter()
-                .map(|f| f.clone().autodiff().require_grad())
+                .map(|f| widen(f, rows).autodiff().require_grad())
                 .collect();
             (Backward::Steps(Box::new(checkpoints)), gens)
         }

@@ -208,6 +208,66 @@ impl Conv2d {
         Ok(Self { kernel, bias })
     }
 
+    /// Whether [`pull_back`](Self::pull_back) can pull this convolution back.
+    pub fn has_pull_back(&self) -> bool {
+        match &self.kernel {
+            Kernel::Direct { weight, options } => {
+                let k = weight.dims()[2];
+                let (p, after) = options.padding[0];
+                options.stride == [1, 1]
+                    && options.dilation == [1, 1]
+                    && options.groups == 1
+                    && options.padding.iter().all(|&pad| pad == (p, after))
+                    && p == after
+                    && p < k
+            }
+            Kernel::Gemm {
+                kernel, padding, ..
+            } => padding < kernel,
+        }
+    }
+
+    /// `gᵀ ∂conv/∂x` for a stride-1 convolution with the same padding on every side: the
+    /// convolution of `g` with the kernel flipped and its in/out axes swapped, computed the way
+    /// the forward is. It needs nothing of `x`, so the guidance keeps no input for it. `None`
+    /// for any other convolution.
+    pub fn pull_back(&self, g: Tensor<4>) -> Option<Tensor<4>> {
+        if !self.has_pull_back() {
+            return None;
+        }
+        match &self.kernel {
+            Kernel::Direct { weight, options } => {
+                let k = weight.dims()[2];
+                let p = options.padding[0].0;
+                let flipped = weight.clone().swap_dims(0, 1).flip([2, 3]);
+                let pad = k - 1 - p;
+                Some(conv2d(
+                    g,
+                    flipped,
+                    None,
+                    ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
+                ))
+            }
+            Kernel::Gemm {
+                weight,
+                kernel,
+                padding,
+            } => {
+                let (k, p) = (*kernel, *padding);
+                let [_, out, cols] = weight.dims();
+                let c_in = cols / (k * k);
+                // [1, out, (dy, dx, in)] → [1, in, (k-1-dy, k-1-dx, out)].
+                let flipped = weight
+                    .clone()
+                    .reshape([out, k, k, c_in])
+                    .flip([1, 2])
+                    .permute([3, 1, 2, 0])
+                    .reshape([1, c_in, k * k * out]);
+                Some(conv2d_gemm(g, &flipped, None, k, k - 1 - p))
+            }
+        }
+    }
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match &self.kernel {
             Kernel::Direct { weight, options } => {
@@ -248,6 +308,11 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         linear(x, self.weight.clone(), self.bias.clone())
+    }
+
+    /// `gᵀ ∂linear/∂x`: `g Wᵀ`, needing nothing of `x`.
+    pub fn pull_back<const D: usize>(&self, g: Tensor<D>) -> Tensor<D> {
+        linear(g, self.weight.clone().transpose(), None)
     }
 }
 
@@ -374,6 +439,77 @@ mod tests {
                 assert!(diff < 1e-5, "k={k} p={p} band={band_bytes}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn hand_written_convolution_pull_back_equals_autodiff() {
+        // The lean guidance pulls every stride-1 convolution back by hand, in both layouts.
+        let device = Device::flex();
+        let x = wave([1, 5, 7, 6], 0.3, &device);
+        let bias = wave([4], 2.0, &device);
+        for (k, p) in [(3, 1), (1, 0), (3, 0), (5, 2)] {
+            let weight = wave([4, 5, k, k], 1.1, &device);
+            let (oh, ow) = (7 + 2 * p + 1 - k, 6 + 2 * p + 1 - k);
+            // Two cotangent rows against a one-row input, as the guidance pulls back.
+            let g = wave([2, 4, oh, ow], 3.0, &device);
+            let direct = Conv2d {
+                kernel: Kernel::Direct {
+                    weight: weight.clone(),
+                    options: ConvOptions::new([1, 1], [p, p], [1, 1], 1),
+                },
+                bias: Some(bias.clone()),
+            };
+            let leaf = x.clone().repeat_dim(0, 2).autodiff().require_grad();
+            let grads = (direct.forward(leaf.clone()) * g.clone()).sum().backward();
+            let want = leaf.grad(&grads).expect("the input's gradient");
+            let gemm = Conv2d {
+                kernel: Kernel::Gemm {
+                    weight: weight
+                        .clone()
+                        .permute([0, 2, 3, 1])
+                        .reshape([1, 4, k * k * 5]),
+                    kernel: k,
+                    padding: p,
+                },
+                bias: Some(bias.clone()),
+            };
+            for (name, conv) in [("direct", direct), ("gemm", gemm)] {
+                assert!(conv.has_pull_back());
+                let got = conv.pull_back(g.clone()).expect("a stride-1 pull-back");
+                assert_eq!(got.dims(), want.dims(), "{name} k={k} p={p}");
+                // The same sums of at most 4 x 25 products under 1, regrouped.
+                let diff = max_abs(got - want.clone());
+                assert!(diff < 1e-5, "{name} k={k} p={p}: {diff}");
+            }
+        }
+        let strided = Conv2d {
+            kernel: Kernel::Direct {
+                weight: wave([4, 5, 3, 3], 1.1, &device),
+                options: ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
+            },
+            bias: None,
+        };
+        assert!(!strided.has_pull_back());
+        assert!(
+            strided
+                .pull_back(wave([1, 4, 4, 3], 0.0, &device))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn linear_pull_back_equals_autodiff() {
+        let device = Device::flex();
+        let lin = Linear {
+            weight: wave([5, 3], 0.7, &device),
+            bias: Some(wave([3], 1.9, &device)),
+        };
+        let x = wave([2, 4, 5], 0.2, &device).autodiff().require_grad();
+        let g = wave([2, 4, 3], 2.4, &device);
+        let grads = (lin.forward(x.clone()) * g.clone()).sum().backward();
+        let want = x.grad(&grads).expect("the input's gradient");
+        let diff = (lin.pull_back(g) - want).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     #[test]

@@ -64,3 +64,30 @@ pub fn pullback2<const D: usize, const E: usize>(
     let [ga, gb] = Kept::run([a, b], |[a, b]| f(a, b)).pull_back(g);
     (ga, gb)
 }
+
+/// `x` repeated along the batch axis to `rows` rows. The guidance's lean backward keeps its
+/// checkpoints at the forward's batch of one and pulls back one cotangent row per energy: a
+/// piece differentiated by autodiff then runs on the checkpoint widened to the cotangent's batch.
+pub fn widen<const D: usize>(x: &Tensor<D>, rows: usize) -> Tensor<D> {
+    let batch = x.dims()[0];
+    if batch == rows {
+        x.clone()
+    } else {
+        debug_assert_eq!(
+            rows % batch,
+            0,
+            "a cotangent batch is a multiple of the forward's"
+        );
+        x.clone().repeat_dim(0, rows / batch)
+    }
+}
+
+/// [`pullback`] at `x` widened to `g`'s batch.
+pub fn pullback_wide<const D: usize, const E: usize>(
+    x: &Tensor<D>,
+    g: Tensor<E>,
+    f: impl FnOnce(Tensor<D>) -> Tensor<E>,
+) -> Tensor<D> {
+    let x = widen(x, g.dims()[0]);
+    pullback(&x, g, f)
+}

@@ -3,6 +3,7 @@
 use burn::tensor::Tensor;
 
 use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu};
+use super::pullback::pullback_wide;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -61,13 +62,21 @@ impl ResnetBlock {
         })
     }
 
-    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(silu(temb.clone()));
-            let [b, c] = t.dims();
-            h = h + t.reshape([b, c, 1, 1]);
+    /// The first half: `conv1(SiLU(norm1(x)))` plus the time projection.
+    fn first_half(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x)));
+        match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(silu(temb.clone()));
+                let [b, c] = t.dims();
+                h + t.reshape([b, c, 1, 1])
+            }
+            _ => h,
         }
+    }
+
+    /// The rest, from the block input `x` and the first half's `h`.
+    fn second_half(&self, x: Tensor<4>, h: Tensor<4>) -> Tensor<4> {
         let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
@@ -80,4 +89,55 @@ impl ResnetBlock {
             out / self.output_scale
         }
     }
+
+    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
+        let h = self.first_half(x.clone(), temb);
+        self.second_half(x, h)
+    }
+
+    /// Whether [`pull_back`](Self::pull_back) can pull every convolution back by hand.
+    pub fn has_pull_back(&self) -> bool {
+        self.conv1.has_pull_back()
+            && self.conv2.has_pull_back()
+            && self
+                .conv_shortcut
+                .as_ref()
+                .is_none_or(Conv2d::has_pull_back)
+    }
+
+    /// The forward (without autodiff), keeping the two tensors [`pull_back`](Self::pull_back)
+    /// needs: the input and the first half's output, each the size of one activation.
+    pub fn trace(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> (Tensor<4>, ResnetTrace) {
+        let h = self.first_half(x.clone(), temb);
+        let out = self.second_half(x.clone(), h.clone());
+        (out, ResnetTrace { x, h })
+    }
+
+    /// `gᵀ ∂block/∂x` from a [`trace`](Self::trace); `g` may have more rows than the traced
+    /// input (one per energy). The convolutions are pulled back by hand, needing nothing kept;
+    /// the norms and activations run again under autodiff from the kept tensors, one at a time.
+    /// `None` when a convolution has no hand-written pull-back (see
+    /// [`has_pull_back`](Self::has_pull_back); never in SD 1.5's UNet).
+    pub fn pull_back(&self, trace: ResnetTrace, g: Tensor<4>) -> Option<Tensor<4>> {
+        let g = if self.output_scale == 1.0 {
+            g
+        } else {
+            g / self.output_scale
+        };
+        let g_skip = match &self.conv_shortcut {
+            Some(conv) => conv.pull_back(g.clone())?,
+            None => g.clone(),
+        };
+        let g_act = self.conv2.pull_back(g)?;
+        let g_h = pullback_wide(&trace.h, g_act, |h| silu(self.norm2.forward(h)));
+        let g_act = self.conv1.pull_back(g_h)?;
+        let g_x = pullback_wide(&trace.x, g_act, |x| silu(self.norm1.forward(x)));
+        Some(g_skip + g_x)
+    }
+}
+
+/// What [`ResnetBlock::pull_back`] needs of a forward.
+pub struct ResnetTrace {
+    x: Tensor<4>,
+    h: Tensor<4>,
 }

@@ -57,6 +57,7 @@ pub enum Bank {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Gradients {
     Flash,
+    Lean,
     Recompute,
     Tape,
 }
@@ -65,6 +66,7 @@ impl From<Gradients> for dragonedit::edit::GradientMemory {
     fn from(g: Gradients) -> Self {
         match g {
             Gradients::Flash => Self::Flash,
+            Gradients::Lean => Self::Lean,
             Gradients::Recompute => Self::Recompute,
             Gradients::Tape => Self::Tape,
         }

@@ -464,6 +464,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // From the least memory to the most: the pool columns are peaks since the start.
     for (memory, how) in [
         (GradientMemory::Recompute, "step recompute"),
+        (GradientMemory::Lean, "lean (hand-written pull-backs)"),
         (GradientMemory::Flash, "flash (scores recomputed)"),
         (GradientMemory::Tape, "autodiff tape"),
     ] {

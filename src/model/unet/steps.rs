@@ -5,12 +5,12 @@
 
 use burn::tensor::{DType, Tensor};
 
-use super::transformer::{Transformer2D, TransformerTrace};
+use super::transformer::{LeanTransformerTrace, Transformer2D, TransformerTrace};
 use super::{KvHook, NoHook, Unet};
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, to_dtype, upsample_nearest};
-use crate::model::pullback::{Kept, pullback, pullback2};
-use crate::model::resnet::ResnetBlock;
+use crate::model::pullback::{Kept, pullback, pullback2, widen};
+use crate::model::resnet::{ResnetBlock, ResnetTrace};
 
 /// One step of the UNet forward.
 pub enum Step<'a> {
@@ -45,6 +45,10 @@ pub enum Keep {
     /// Only the step's input: the backward runs the step again, so only one step's graph is
     /// ever alive. About one more truncated forward of work for the least memory.
     Inputs,
+    /// The few activations a hand-written pull-back of the step needs (no autodiff graph): the
+    /// convolutions, linear layers and attention cores are pulled back by hand, the norms and
+    /// activations run again under autodiff, one at a time. Nothing heavy runs twice.
+    Lean,
 }
 
 /// What the checkpointed forward kept of one computing step.
@@ -58,6 +62,20 @@ pub(super) enum Saved {
     /// A skip-joining resnet's graph, over `x` and the skip state.
     JoinGraph(Kept<2, 4, 4>),
     Transformer(Box<TransformerTrace>),
+    /// A resnet's lean trace; `split` is the channel count of `x` when a skip state was joined.
+    LeanResnet {
+        trace: ResnetTrace,
+        split: Option<usize>,
+    },
+    LeanTransformer(Box<LeanTransformerTrace>),
+    /// A convolution step pulled back by hand, which needs nothing kept.
+    LeanConv,
+    /// An upsampler: its convolution pulled back by hand, then the upsampling by autodiff at
+    /// the kept input.
+    LeanUpsample {
+        x: Tensor<4>,
+        size: [usize; 2],
+    },
 }
 
 impl Step<'_> {
@@ -82,6 +100,47 @@ impl Step<'_> {
             Step::Transformer(t, decoder) => t.forward(x, env.context, env.plan, hook, *decoder),
             Step::Upsample(conv) => conv.forward(upsample_nearest(x, size)),
             Step::Save | Step::Output => x,
+        }
+    }
+
+    /// [`apply`](Self::apply) (without a hook, without autodiff), keeping what its lean
+    /// pull-back needs ([`Keep::Lean`]).
+    fn keep_lean(
+        &self,
+        x: Tensor<4>,
+        skip: Option<Tensor<4>>,
+        size: [usize; 2],
+        env: &Env,
+    ) -> (Tensor<4>, Saved) {
+        match self {
+            Step::Resnet(resnet) | Step::SkipResnet(resnet) if resnet.has_pull_back() => {
+                let split = skip.as_ref().map(|_| x.dims()[1]);
+                let x = match skip {
+                    Some(skip) => Tensor::cat(vec![x, skip], 1),
+                    None => x,
+                };
+                let (out, trace) = resnet.trace(x, Some(env.temb));
+                (out, Saved::LeanResnet { trace, split })
+            }
+            Step::Transformer(t, _) if t.has_pull_back() => {
+                let (out, trace) = t.trace_lean(x, env.context, env.plan);
+                (out, Saved::LeanTransformer(Box::new(trace)))
+            }
+            Step::Conv(conv) if conv.has_pull_back() => (conv.forward(x), Saved::LeanConv),
+            Step::Upsample(conv) if conv.has_pull_back() => {
+                let out = self.apply(x.clone(), None, size, env, &mut NoHook);
+                (out, Saved::LeanUpsample { x, size })
+            }
+            // A strided convolution, or any step with a convolution that has no hand-written
+            // pull-back: its input, to run again.
+            _ => {
+                let saved = Saved::Input {
+                    x: x.clone(),
+                    skip: skip.clone(),
+                    size,
+                };
+                (self.apply(x, skip, size, env, &mut NoHook), saved)
+            }
         }
     }
 
@@ -151,6 +210,11 @@ pub(super) fn walk(
                     }
                     Some((saved, Keep::Graphs)) => {
                         let (out, kept) = step.keep(x, skip, size, env);
+                        saved.push(kept);
+                        out
+                    }
+                    Some((saved, Keep::Lean)) => {
+                        let (out, kept) = step.keep_lean(x, skip, size, env);
                         saved.push(kept);
                         out
                     }
@@ -275,13 +339,53 @@ impl Unet {
                     let Some(gy) = g.take() else {
                         if matches!(
                             kept,
-                            Saved::JoinGraph(_) | Saved::Input { skip: Some(_), .. }
+                            Saved::JoinGraph(_)
+                                | Saved::Input { skip: Some(_), .. }
+                                | Saved::LeanResnet { split: Some(_), .. }
                         ) {
                             skip_grads.push(None);
                         }
                         continue;
                     };
+                    let rows = gy.dims()[0];
                     g = Some(match kept {
+                        Saved::LeanResnet { trace, split } => {
+                            let (Step::Resnet(resnet) | Step::SkipResnet(resnet)) = step else {
+                                unreachable!("a resnet trace belongs to a resnet step")
+                            };
+                            let g_in = resnet
+                                .pull_back(trace, gy)
+                                .expect("kept as LeanResnet only when it has a pull-back");
+                            match split {
+                                Some(c) => {
+                                    let total = g_in.dims()[1];
+                                    skip_grads.push(Some(g_in.clone().narrow(1, c, total - c)));
+                                    g_in.narrow(1, 0, c)
+                                }
+                                None => g_in,
+                            }
+                        }
+                        Saved::LeanTransformer(trace) => match step {
+                            Step::Transformer(t, _) => t
+                                .pull_back_lean(*trace, gy, env.plan)
+                                .expect("kept as LeanTransformer only when it has a pull-back"),
+                            _ => unreachable!("a transformer trace belongs to a transformer step"),
+                        },
+                        Saved::LeanConv => match step {
+                            Step::Conv(conv) => conv
+                                .pull_back(gy)
+                                .expect("kept as LeanConv only when it has a pull-back"),
+                            _ => unreachable!("a convolution trace belongs to a convolution step"),
+                        },
+                        Saved::LeanUpsample { x, size } => match step {
+                            Step::Upsample(conv) => {
+                                let g_up = conv
+                                    .pull_back(gy)
+                                    .expect("kept as LeanUpsample only when it has a pull-back");
+                                pullback(&widen(&x, rows), g_up, |x| upsample_nearest(x, size))
+                            }
+                            _ => unreachable!("an upsampler trace belongs to an upsampler step"),
+                        },
                         Saved::Graph(kept) => {
                             let [gx] = kept.pull_back(gy);
                             gx
@@ -300,6 +404,7 @@ impl Unet {
                             skip: Some(skip),
                             size,
                         } => {
+                            let (x, skip) = (widen(&x, rows), widen(&skip, rows));
                             let (gx, gs) = pullback2(&x, &skip, gy, |x, skip| {
                                 step.apply(x, Some(skip), size, &env, &mut NoHook)
                             });
@@ -310,9 +415,13 @@ impl Unet {
                             x,
                             skip: None,
                             size,
-                        } => match step {
-                            Step::Transformer(t, _) => t.pullback(&x, gy, &context, env.plan),
-                            _ => pullback(&x, gy, |x| step.apply(x, None, size, &env, &mut NoHook)),
+                        } => match (step, widen(&x, rows)) {
+                            (Step::Transformer(t, _), x) => {
+                                t.pullback(&x, gy, &widen(&context, rows), env.plan)
+                            }
+                            (_, x) => {
+                                pullback(&x, gy, |x| step.apply(x, None, size, &env, &mut NoHook))
+                            }
                         },
                     });
                 }

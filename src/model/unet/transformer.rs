@@ -7,7 +7,7 @@ use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear};
-use crate::model::pullback::Kept;
+use crate::model::pullback::{Kept, pullback_wide};
 use crate::weights::Loader;
 
 /// diffusers' `Attention` with separate q/k/v projections and `to_out.0`.
@@ -92,6 +92,29 @@ impl Attention {
         [gq, gk, gv].map(Self::merge_heads)
     }
 
+    /// [`core_pullback`](Self::core_pullback) at q, k, v, o kept at the forward's batch, for a
+    /// `g` with a multiple of its rows: each group of rows is pulled back on its own, so the
+    /// kept tensors are never copied to the wider batch.
+    fn core_pullback_rows(
+        &self,
+        qkv: &[Tensor<3>; 3],
+        o: &Tensor<3>,
+        g: Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> [Tensor<3>; 3] {
+        let (batch, rows) = (o.dims()[0], g.dims()[0]);
+        if rows == batch {
+            return self.core_pullback(qkv.clone(), o.clone(), g, plan);
+        }
+        let parts: Vec<[Tensor<3>; 3]> = (0..rows)
+            .step_by(batch)
+            .map(|r0| {
+                self.core_pullback(qkv.clone(), o.clone(), g.clone().narrow(0, r0, batch), plan)
+            })
+            .collect();
+        [0, 1, 2].map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 0))
+    }
+
     /// Attention of `x` `[B, N, C]` over `context` (or itself).
     pub fn forward(
         &self,
@@ -150,10 +173,7 @@ impl TransformerBlock {
             .forward(self.norm2.forward(x.clone()), Some(context), plan)
             + x;
         let h = self.ff_in.forward(self.norm3.forward(x.clone()));
-        let inner = h.dims()[2] / 2;
-        let value = h.clone().narrow(2, 0, inner);
-        let gate = h.narrow(2, inner, inner);
-        self.ff_out.forward(value * gelu(gate)) + x
+        self.ff_out.forward(geglu(h)) + x
     }
 
     fn forward(
@@ -204,6 +224,89 @@ impl TransformerBlock {
         let [g_projections] = trace.projections.pull_back(Tensor::cat(g_qkv.to_vec(), 2));
         g_residual + g_projections
     }
+}
+
+impl TransformerBlock {
+    /// The forward at `x` (without autodiff), keeping what [`pull_back_lean`](Self::pull_back_lean)
+    /// needs: the residual stream before each sub-layer, both attentions' queries, keys, values
+    /// and outputs, and the feed-forward's inner activation; no score and no autodiff graph.
+    fn trace_lean(
+        &self,
+        x: Tensor<3>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> (Tensor<3>, LeanBlockTrace) {
+        let (q, k, v) = self.self_attention_inputs(x.clone());
+        let o = self.attn1.core(q.clone(), k.clone(), v.clone(), plan);
+        let x1 = self.attn1.to_out.forward(o.clone()) + x.clone();
+        let (q2, k2, v2) = self
+            .attn2
+            .project(self.norm2.forward(x1.clone()), Some(context));
+        let o2 = self.attn2.core(q2.clone(), k2.clone(), v2.clone(), plan);
+        let x2 = self.attn2.to_out.forward(o2.clone()) + x1.clone();
+        let h = self.ff_in.forward(self.norm3.forward(x2.clone()));
+        let out = self.ff_out.forward(geglu(h.clone())) + x2.clone();
+        let trace = LeanBlockTrace {
+            x,
+            qkv: [q, k, v],
+            o,
+            x1,
+            qkv2: [q2, k2, v2],
+            o2,
+            x2,
+            h,
+        };
+        (out, trace)
+    }
+
+    /// `gᵀ ∂block/∂x` from a [`trace_lean`](Self::trace_lean); `g` may have more rows than the
+    /// traced input. Linear layers and attention cores are pulled back by hand; the norms and
+    /// the GEGLU run again under autodiff from the kept tensors.
+    fn pull_back_lean(&self, t: LeanBlockTrace, g: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
+        // Feed-forward.
+        let g_inner = self.ff_out.pull_back(g.clone());
+        let g_h = pullback_wide(&t.h, g_inner, geglu);
+        let g_n3 = self.ff_in.pull_back(g_h);
+        let g_x2 = g + pullback_wide(&t.x2, g_n3, |x| self.norm3.forward(x));
+        // Text cross-attention: the context is constant, so only the queries lead back.
+        let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
+        let [g_q2, _, _] = self.attn2.core_pullback_rows(&t.qkv2, &t.o2, g_o2, plan);
+        let g_n2 = self.attn2.to_q.pull_back(g_q2);
+        let g_x1 = g_x2 + pullback_wide(&t.x1, g_n2, |x| self.norm2.forward(x));
+        // Self-attention.
+        let g_o = self.attn1.to_out.pull_back(g_x1.clone());
+        let [g_q, g_k, g_v] = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
+        let g_n1 = self.attn1.to_q.pull_back(g_q)
+            + self.attn1.to_k.pull_back(g_k)
+            + self.attn1.to_v.pull_back(g_v);
+        g_x1 + pullback_wide(&t.x, g_n1, |x| self.norm1.forward(x))
+    }
+}
+
+/// `value · GELU(gate)` over the two halves of the feed-forward's inner projection.
+fn geglu(h: Tensor<3>) -> Tensor<3> {
+    let inner = h.dims()[2] / 2;
+    let value = h.clone().narrow(2, 0, inner);
+    let gate = h.narrow(2, inner, inner);
+    value * gelu(gate)
+}
+
+/// A transformer block's forward as [`TransformerBlock::pull_back_lean`] needs it.
+struct LeanBlockTrace {
+    x: Tensor<3>,
+    qkv: [Tensor<3>; 3],
+    o: Tensor<3>,
+    x1: Tensor<3>,
+    qkv2: [Tensor<3>; 3],
+    o2: Tensor<3>,
+    x2: Tensor<3>,
+    h: Tensor<3>,
+}
+
+/// A Transformer2D's forward as [`Transformer2D::pull_back_lean`] needs it.
+pub struct LeanTransformerTrace {
+    x: Tensor<4>,
+    blocks: Vec<LeanBlockTrace>,
 }
 
 /// One transformer block's forward as its pull-back needs it (see [`TransformerBlock::trace`]).
@@ -371,6 +474,59 @@ impl Transformer2D {
         }
         let [g_x] = trace.enter.pull_back(g_tokens);
         g_x + g
+    }
+
+    /// Whether [`pull_back_lean`](Self::pull_back_lean) can pull both projections back by hand.
+    pub fn has_pull_back(&self) -> bool {
+        [&self.proj_in, &self.proj_out].iter().all(|p| match p {
+            Projection::Conv(conv) => conv.has_pull_back(),
+            Projection::Linear(_) => true,
+        })
+    }
+
+    /// The forward at `x` (without autodiff), with what
+    /// [`pull_back_lean`](Self::pull_back_lean) needs.
+    pub fn trace_lean(
+        &self,
+        x: Tensor<4>,
+        context: &Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> (Tensor<4>, LeanTransformerTrace) {
+        let dims = x.dims();
+        let mut tokens = self.enter(x.clone());
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (out, trace) = block.trace_lean(tokens, context, plan);
+            tokens = out;
+            blocks.push(trace);
+        }
+        let out = self.exit(tokens, dims) + x.clone();
+        (out, LeanTransformerTrace { x, blocks })
+    }
+
+    /// `gᵀ ∂transformer/∂x` from a [`trace_lean`](Self::trace_lean) at `x`; `g` may have more
+    /// rows than `x`. `None` unless [`has_pull_back`](Self::has_pull_back).
+    pub fn pull_back_lean(
+        &self,
+        trace: LeanTransformerTrace,
+        g: Tensor<4>,
+        plan: &AttentionPlan,
+    ) -> Option<Tensor<4>> {
+        let [b, c, h, w] = g.dims();
+        let to_tokens = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
+        let from_tokens = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        let mut g_tokens = match &self.proj_out {
+            Projection::Conv(conv) => to_tokens(conv.pull_back(g.clone())?),
+            Projection::Linear(lin) => lin.pull_back(to_tokens(g.clone())),
+        };
+        for (block, piece) in self.blocks.iter().zip(trace.blocks).rev() {
+            g_tokens = block.pull_back_lean(piece, g_tokens, plan);
+        }
+        let g_normed = match &self.proj_in {
+            Projection::Conv(conv) => conv.pull_back(from_tokens(g_tokens))?,
+            Projection::Linear(lin) => from_tokens(lin.pull_back(g_tokens)),
+        };
+        Some(g + pullback_wide(&trace.x, g_normed, |x| self.norm.forward(x)))
     }
 
     /// `gᵀ ∂transformer/∂x` at `x`, running the forward again.
