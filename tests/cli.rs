@@ -274,6 +274,7 @@ fn bench_prints_a_table_row_per_workload() {
         "VAE encode, 64 px",
         "VAE decode, 64 px",
         "guidance: truncated UNet forward + backward (move), step recompute",
+        "guidance: truncated UNet forward + backward (move), lean",
         "guidance: truncated UNet forward + backward (move), flash",
         "guidance: truncated UNet forward + backward (move), autodiff tape",
         "DDIM inversion",

@@ -22,8 +22,8 @@ pub enum GradientMemory {
     Tape,
     /// Each step keeps its own autodiff graph, but no self-attention score: the attention
     /// cores keep their inputs and output, and their chunked manual backward recomputes the
-    /// scores, as FlashAttention does. Nothing else runs twice.
-    #[default]
+    /// scores, as FlashAttention does. Nothing else runs twice, but every graph is kept for
+    /// both rows.
     Flash,
     /// The forward keeps only each step's input; the backward runs one step at a time again
     /// (`Unet::pull_back_features`). About one more truncated forward of work for the least
@@ -31,7 +31,9 @@ pub enum GradientMemory {
     Recompute,
     /// The forward runs once, for one row, and keeps a few activations per step; the backward
     /// pulls both energies' rows back by hand through the convolutions, linear layers and
-    /// attention cores, running only the norms and activations again (`Keep::Lean`).
+    /// attention cores, running only the norms and activations again (`Keep::Lean`). A third
+    /// of flash's memory at SD 1.5's size, and less work (docs/BENCHMARKS.md).
+    #[default]
     Lean,
 }
 

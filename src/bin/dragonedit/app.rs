@@ -100,10 +100,11 @@ pub struct EditArgs {
     /// Memory bank: recompute each entry when needed, or store all from the inversion.
     #[arg(long, value_enum, default_value_t = Bank::Recompute)]
     pub bank: Bank,
-    /// Guidance gradient: keep each UNet step's autodiff graph but recompute attention scores
-    /// in the backward (flash), recompute every step in the backward (the least memory), or
-    /// keep burn's whole autodiff tape (gigabytes of attention scores).
-    #[arg(long, value_enum, default_value_t = Gradients::Flash)]
+    /// Guidance gradient: run the forward once and pull back by hand from a few kept
+    /// activations per step (lean), keep each UNet step's autodiff graph but recompute
+    /// attention scores in the backward (flash), recompute every step in the backward, or keep
+    /// burn's whole autodiff tape (gigabytes of attention scores).
+    #[arg(long, value_enum, default_value_t = Gradients::Lean)]
     pub gradients: Gradients,
     /// Reproduce the official release's rounding, wrap-around and in-place quirks, to
     /// compare a trace with the reference implementation's.

@@ -65,7 +65,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = PoolsArg::Shared)]
     pub pools: PoolsArg,
     /// How the whole edits take the guidance gradient (the guidance rows run every way).
-    #[arg(long, value_enum, default_value_t = Gradients::Flash)]
+    #[arg(long, value_enum, default_value_t = Gradients::Lean)]
     pub gradients: Gradients,
     /// Only the UNet, guidance and inversion rows.
     #[arg(long)]
