@@ -300,10 +300,12 @@ impl Unet {
     }
 
     /// The gradient with respect to the latent of a function of the features, given its
-    /// gradients `grads[i]` at `features()[i]` (`None` where it does not depend on one). Walks
-    /// the steps backwards, recomputing each from its kept input with autodiff (the
-    /// transformers with their chunked attention backward), so only one step's graph is alive
-    /// at a time. Returns f32, or `None` when no gradient reaches the latent.
+    /// gradients `grads[i]` at `features()[i]` (`None` where it does not depend on one). With
+    /// [`Keep::Lean`] or [`Keep::Inputs`] the gradients may have a multiple of the forward's
+    /// rows (one row per energy, all at the same forward): each row comes back on its own. Walks
+    /// the steps backwards from what the forward kept: a step's graph, its lean trace, or its
+    /// input to run it again with autodiff, so at most one step's graph is built at a time.
+    /// Returns f32, or `None` when no gradient reaches the latent.
     pub fn pull_back_features(
         &self,
         checkpoints: FeatureCheckpoints,
