@@ -9,7 +9,7 @@ use super::transformer::{LeanTransformerTrace, Transformer2D, TransformerTrace};
 use super::{KvHook, NoHook, Unet};
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, to_dtype, upsample_nearest};
-use crate::model::pullback::{Kept, pullback, pullback2, widen};
+use crate::model::pullback::{Kept, pullback, pullback_wide, pullback2, widen};
 use crate::model::resnet::{ResnetBlock, ResnetTrace};
 
 /// One step of the UNet forward.
@@ -78,6 +78,14 @@ pub(super) enum Saved {
     },
 }
 
+/// `x` with the skip state joined along the channels, when there is one.
+fn join(x: Tensor<4>, skip: Option<Tensor<4>>) -> Tensor<4> {
+    match skip {
+        Some(skip) => Tensor::cat(vec![x, skip], 1),
+        None => x,
+    }
+}
+
 impl Step<'_> {
     fn apply(
         &self,
@@ -90,13 +98,7 @@ impl Step<'_> {
         match self {
             Step::Conv(conv) => conv.forward(x),
             Step::Resnet(resnet) => resnet.forward(x, Some(env.temb)),
-            Step::SkipResnet(resnet) => {
-                let x = match skip {
-                    Some(skip) => Tensor::cat(vec![x, skip], 1),
-                    None => x,
-                };
-                resnet.forward(x, Some(env.temb))
-            }
+            Step::SkipResnet(resnet) => resnet.forward(join(x, skip), Some(env.temb)),
             Step::Transformer(t, decoder) => t.forward(x, env.context, env.plan, hook, *decoder),
             Step::Upsample(conv) => conv.forward(upsample_nearest(x, size)),
             Step::Save | Step::Output => x,
@@ -115,11 +117,7 @@ impl Step<'_> {
         match self {
             Step::Resnet(resnet) | Step::SkipResnet(resnet) if resnet.has_pull_back() => {
                 let split = skip.as_ref().map(|_| x.dims()[1]);
-                let x = match skip {
-                    Some(skip) => Tensor::cat(vec![x, skip], 1),
-                    None => x,
-                };
-                let (out, trace) = resnet.trace(x, Some(env.temb));
+                let (out, trace) = resnet.trace(join(x, skip), Some(env.temb));
                 (out, Saved::LeanResnet { trace, split })
             }
             Step::Transformer(t, _) if t.has_pull_back() => {
@@ -384,7 +382,7 @@ impl Unet {
                                 let g_up = conv
                                     .pull_back(gy)
                                     .expect("kept as LeanUpsample only when it has a pull-back");
-                                pullback(&widen(&x, rows), g_up, |x| upsample_nearest(x, size))
+                                pullback_wide(&x, g_up, |x| upsample_nearest(x, size))
                             }
                             _ => unreachable!("an upsampler trace belongs to an upsampler step"),
                         },
@@ -417,14 +415,17 @@ impl Unet {
                             x,
                             skip: None,
                             size,
-                        } => match (step, widen(&x, rows)) {
-                            (Step::Transformer(t, _), x) => {
-                                t.pullback(&x, gy, &widen(&context, rows), env.plan)
+                        } => {
+                            let x = widen(&x, rows);
+                            match step {
+                                Step::Transformer(t, _) => {
+                                    t.pullback(&x, gy, &widen(&context, rows), env.plan)
+                                }
+                                _ => pullback(&x, gy, |x| {
+                                    step.apply(x, None, size, &env, &mut NoHook)
+                                }),
                             }
-                            (_, x) => {
-                                pullback(&x, gy, |x| step.apply(x, None, size, &env, &mut NoHook))
-                            }
-                        },
+                        }
                     });
                 }
             }
