@@ -71,13 +71,16 @@ function check(ok, text) {
 
 const status = (page) => page.locator("dragon-editor .message");
 
-async function waitState(page, wanted, timeout = 300_000) {
+// `stale` is the message shown before the action under test: a status that still shows it
+// (an earlier error, say) is the old state, not the answer to the action.
+async function waitState(page, wanted, timeout = 300_000, stale = null) {
   await page.waitForFunction(
-    (w) => {
+    ({ w, stale }) => {
       const m = document.querySelector("dragon-editor")?.shadowRoot?.querySelector(".message");
-      return m && (m.dataset.state === w || (w !== "error" && m.dataset.state === "error"));
+      if (!m || (stale !== null && m.textContent === stale)) return false;
+      return m.dataset.state === w || (w !== "error" && m.dataset.state === "error");
     },
-    wanted,
+    { w: wanted, stale },
     { timeout },
   );
   const text = await status(page).textContent();
@@ -266,14 +269,16 @@ await test("second visit: the model loads from the cache with no weight request"
     await test("an empty mask in move mode gets a clear message", async () => {
       await page.locator("dragon-editor select.mode").selectOption("move");
       await page.locator("dragon-editor button.clear-mask").click();
+      const before = await status(page).textContent();
       await page.locator("dragon-editor button.run").click();
-      const text = await waitState(page, "error", 10_000);
+      const text = await waitState(page, "error", 10_000, before);
       check(/mask is empty/.test(text), text);
     });
 
     await test("a file that is not an image, and a huge photo", async () => {
+      const before = await status(page).textContent();
       await page.locator("dragon-editor input.open").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hello") });
-      const text = await waitState(page, "error", 10_000);
+      const text = await waitState(page, "error", 10_000, before);
       check(/not an image/.test(text), text);
       const note = await page.evaluate(async () => {
         const c = new OffscreenCanvas(6000, 4000);
