@@ -341,11 +341,27 @@ impl GroupNorm {
         })
     }
 
+    /// A norm of `channels` channels in `groups` groups with the given scale and shift.
+    pub fn new(gamma: Tensor<1>, beta: Tensor<1>, groups: usize, eps: f64) -> Self {
+        Self {
+            gamma,
+            beta,
+            groups,
+            eps,
+        }
+    }
+
+    /// The statistics are taken in f32 whatever `x`'s dtype: burn sums a group's squares into a
+    /// tensor of the input's dtype, and in f16 a 64x64 group of 10 channels (40960 values) passes
+    /// f16's largest value once their mean square passes 1.6; the variance is then infinite and
+    /// the whole group comes out zero. PyTorch's f16 norms accumulate in f32 too.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, wd] = x.dims();
+        let dtype = x.dtype();
         let grouped = x.reshape([b, self.groups, (c / self.groups) * h * wd]);
-        let (var, mean) = grouped.clone().var_mean_bias(2);
-        let normed = (grouped - mean) / (var + self.eps).sqrt();
+        let (var, mean) = to_dtype(grouped.clone(), DType::F32).var_mean_bias(2);
+        let std = to_dtype((var + self.eps).sqrt(), dtype);
+        let normed = (grouped - to_dtype(mean, dtype)) / std;
         let normed = normed.reshape([b, c, h, wd]);
         normed * self.gamma.clone().reshape([1, c, 1, 1]) + self.beta.clone().reshape([1, c, 1, 1])
     }
@@ -361,15 +377,35 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &mut Loader, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            gamma: w.tensor(&format!("{prefix}.weight"), [dim])?,
-            beta: w.tensor(&format!("{prefix}.bias"), [dim])?,
+        Ok(Self::new(
+            w.tensor(&format!("{prefix}.weight"), [dim])?,
+            w.tensor(&format!("{prefix}.bias"), [dim])?,
             eps,
-        })
+        ))
     }
 
+    /// A norm over `gamma.dims()[0]` features with the given scale and shift, kept in f32
+    /// (see [`forward`](Self::forward)).
+    pub fn new(gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Self {
+        Self {
+            gamma: to_dtype(gamma, DType::F32),
+            beta: to_dtype(beta, DType::F32),
+            eps,
+        }
+    }
+
+    /// Computed in f32 whatever `x`'s dtype, then cast back: burn's layer norm squares the
+    /// centred input in the input's dtype, and in f16 a value 256 from its row's mean already
+    /// squares past f16's largest value.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
+        let dtype = x.dtype();
+        let y = layer_norm(
+            to_dtype(x, DType::F32),
+            self.gamma.clone(),
+            Some(self.beta.clone()),
+            self.eps,
+        );
+        to_dtype(y, dtype)
     }
 }
 
