@@ -275,7 +275,10 @@ fn f16(device: &Device) {
         &golden("unet.npz", "eps_981").values,
         F16_TOL,
     );
-    // The VAE stays in f32 (`force_upcast`, as in diffusers), so it keeps the f32 bound.
+    // The VAE's weights are f16; its encoder computes in f32 (so the f32 bound holds: the
+    // weights are f16 values already), its decoder in f16 (as the official f16 pipeline does),
+    // through the checked call the editor makes.
+    assert_eq!(sd.vae.dtype(), DType::F16);
     let image: Tensor<4> = golden("vae.npz", "image").tensor(device);
     let latent = sd.encode_image(image).expect("encodes");
     assert_close(
@@ -284,6 +287,31 @@ fn f16(device: &Device) {
         &golden("vae.npz", "latent").values,
         CPU_TOL,
     );
+    let decode_in: Tensor<4> = golden("vae.npz", "decode_in").tensor(device);
+    let decoded = block_on(sd.decode_values(decode_in.clone())).expect("decodes");
+    let expected: Vec<f32> = golden("vae.npz", "decoded")
+        .values
+        .iter()
+        .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+        .collect();
+    assert_close("f16 VAE decode", &decoded, &expected, F16_TOL);
+
+    // Where f16 overflows, the VAE runs again in f32. A latent 1e5 times too large passes
+    // f16's range as it is cast (1e5 / 0.18215 > 65504), so the f16 result is not finite; the
+    // checked decode must equal an f32 decode on the same (f16-valued) weights, finite.
+    let huge = decode_in * 1e5;
+    let in_f16 = values(sd.vae.decode_unclamped_in(huge.clone(), DType::F16));
+    assert!(
+        in_f16.iter().any(|v| !v.is_finite()),
+        "the overflow this checks did not happen"
+    );
+    let checked = block_on(sd.decode_values(huge.clone())).expect("decodes");
+    assert!(
+        checked.iter().all(|v| v.is_finite()),
+        "the f32 retry is not finite"
+    );
+    let in_f32 = values(sd.vae.decode_in(huge, DType::F32));
+    assert_close("f32 retry of the decode", &checked, &in_f32, CPU_TOL);
 }
 
 const F16_TOL: f32 = 2e-2;

@@ -157,8 +157,10 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "default_scaling")]
     pub scaling_factor: f64,
-    /// diffusers runs this VAE in f32 even in an f16 pipeline (its default, and what SD 1.5's
-    /// config says): the decoder's activations overflow f16 and come out NaN.
+    /// diffusers' SDXL pipelines run a VAE with this flag in f32 even in an f16 pipeline (its
+    /// default, and what SD 1.5's config says), since their decoder overflows f16. dragonedit
+    /// decodes in the pipeline's dtype, as the official DragonDiffusion does, and again in f32
+    /// only where the f16 result is not finite (the encoder is f32); the flag is read, not used.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
 }

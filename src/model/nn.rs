@@ -268,16 +268,26 @@ impl Conv2d {
         }
     }
 
+    /// Computes in `x`'s dtype; weights of another dtype are cast for the call (the VAE's f32
+    /// retry runs on its f16 weights).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let dtype = x.dtype();
+        let bias = self.bias.clone().map(|b| to_dtype(b, dtype));
         match &self.kernel {
             Kernel::Direct { weight, options } => {
-                conv2d(x, weight.clone(), self.bias.clone(), options.clone())
+                conv2d(x, to_dtype(weight.clone(), dtype), bias, options.clone())
             }
             Kernel::Gemm {
                 weight,
                 kernel,
                 padding,
-            } => conv2d_gemm(x, weight, self.bias.as_ref(), *kernel, *padding),
+            } => conv2d_gemm(
+                x,
+                &to_dtype(weight.clone(), dtype),
+                bias.as_ref(),
+                *kernel,
+                *padding,
+            ),
         }
     }
 }
@@ -306,8 +316,14 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// Computes in `x`'s dtype, as [`Conv2d::forward`] does.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.clone(), self.bias.clone())
+        let dtype = x.dtype();
+        linear(
+            x,
+            to_dtype(self.weight.clone(), dtype),
+            self.bias.clone().map(|b| to_dtype(b, dtype)),
+        )
     }
 
     /// `gᵀ ∂linear/∂x`: `g Wᵀ`, needing nothing of `x`.
@@ -359,12 +375,35 @@ impl GroupNorm {
         let [b, c, h, wd] = x.dims();
         let dtype = x.dtype();
         let grouped = x.reshape([b, self.groups, (c / self.groups) * h * wd]);
-        let (var, mean) = to_dtype(grouped.clone(), DType::F32).var_mean_bias(2);
+        let (var, mean) = group_statistics(grouped.clone());
         let std = to_dtype((var + self.eps).sqrt(), dtype);
         let normed = (grouped - to_dtype(mean, dtype)) / std;
         let normed = normed.reshape([b, c, h, wd]);
-        normed * self.gamma.clone().reshape([1, c, 1, 1]) + self.beta.clone().reshape([1, c, 1, 1])
+        normed * to_dtype(self.gamma.clone(), dtype).reshape([1, c, 1, 1])
+            + to_dtype(self.beta.clone(), dtype).reshape([1, c, 1, 1])
     }
+}
+
+/// The most f32 memory a group norm's statistics take at once; a larger input is reduced in
+/// slices of groups. The VAE decoder's last norms (256 channels at 512 px) would otherwise take
+/// an f32 copy, a centred copy and its square of 256 MiB each.
+const STATISTICS_SLICE_BYTES: usize = 32 << 20;
+
+/// `(variance, mean)` in f32 of `grouped` `[b, groups, n]` over its last axis.
+fn group_statistics(grouped: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    let [b, groups, n] = grouped.dims();
+    let slice = (STATISTICS_SLICE_BYTES / (b * n * 4).max(1)).clamp(1, groups);
+    if slice == groups {
+        return to_dtype(grouped, DType::F32).var_mean_bias(2);
+    }
+    let (vars, means): (Vec<_>, Vec<_>) = (0..groups)
+        .step_by(slice)
+        .map(|g0| {
+            let part = grouped.clone().narrow(1, g0, slice.min(groups - g0));
+            to_dtype(part, DType::F32).var_mean_bias(2)
+        })
+        .unzip();
+    (Tensor::cat(vars, 1), Tensor::cat(means, 1))
 }
 
 /// LayerNorm over the last axis.

@@ -229,9 +229,21 @@ impl Vae {
         &self.config
     }
 
+    /// The dtype of the weights, which [`encode`](Self::encode) and [`decode`](Self::decode)
+    /// compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Image in [-1, 1] → latent: the posterior mean times the scaling factor (0.18215).
     pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
-        let mut x = self.enc_conv_in.forward(to_dtype(image, self.dtype));
+        self.encode_in(image, self.dtype)
+    }
+
+    /// [`encode`](Self::encode) computing in `dtype` (f32 on f16 weights: the layers cast them
+    /// as they go).
+    pub fn encode_in(&self, image: Tensor<4>, dtype: DType) -> Tensor<4> {
+        let mut x = self.enc_conv_in.forward(to_dtype(image, dtype));
         for stage in &self.enc_stages {
             for r in &stage.resnets {
                 x = r.forward(x, None);
@@ -251,7 +263,19 @@ impl Vae {
 
     /// Latent → image in [0, 1] (`clamp(x / 2 + 0.5, 0, 1)`).
     pub fn decode(&self, latent: Tensor<4>) -> Tensor<4> {
-        let z = to_dtype(latent / self.config.scaling_factor, self.dtype);
+        self.decode_in(latent, self.dtype)
+    }
+
+    /// [`decode`](Self::decode) computing in `dtype`.
+    pub fn decode_in(&self, latent: Tensor<4>, dtype: DType) -> Tensor<4> {
+        self.decode_unclamped_in(latent, dtype).clamp(0.0, 1.0)
+    }
+
+    /// `x / 2 + 0.5` of the decoder's output, before the clamp to [0, 1]: a clamp on the GPU
+    /// may turn NaN into 0 or 1 (WGSL leaves `min`/`max` of NaN to the implementation), so an
+    /// overflow is only seen here.
+    pub fn decode_unclamped_in(&self, latent: Tensor<4>, dtype: DType) -> Tensor<4> {
+        let z = to_dtype(latent / self.config.scaling_factor, dtype);
         let x = self.dec_conv_in.forward(self.post_quant_conv.forward(z));
         let mut x = self.dec_mid.forward(x, &self.attention);
         for stage in &self.dec_stages {
@@ -265,7 +289,7 @@ impl Vae {
         let x = self
             .dec_conv_out
             .forward(silu(self.dec_norm_out.forward(x)));
-        (to_dtype(x, DType::F32) / 2.0 + 0.5).clamp(0.0, 1.0)
+        to_dtype(x, DType::F32) / 2.0 + 0.5
     }
 }
 

@@ -39,7 +39,7 @@ fn progress_fn(on_progress: js_sys::Function) -> impl FnMut(Progress) -> bool {
 
 /// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
 /// WebGPU device, and returns the precision it computes in: "f16" where the adapter has
-/// `shader-f16` (half the memory of f32 weights and activations; the VAE stays f32), else
+/// `shader-f16` (half the memory of f32 weights and activations), else
 /// "f32". Replaces any model loaded before.
 #[wasm_bindgen]
 pub async fn load_model(

@@ -129,9 +129,9 @@ pub fn read_values<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>
     Ok((shape, values))
 }
 
-fn write_image(t: Tensor<4>, out: &Path) -> Result<()> {
-    let (shape, values) = read_values(t)?;
-    let img = image::image_from_values(&values, shape[2], shape[3])?;
+/// Writes decoded values `[1, 3, h, w]` as a PNG.
+fn write_image(values: &[f32], (h, w): (usize, usize), out: &Path) -> Result<()> {
+    let img = image::image_from_values(values, h, w)?;
     let png = image::encode_png(&img)?;
     std::fs::write(out, png).with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {}", out.display());
@@ -162,8 +162,9 @@ pub fn generate(
     check_steps(steps)?;
     let mut bar = Bar::new();
     let sd = load(args, &mut bar)?;
-    let img = block_on(sd.generate(prompt, seed, size, steps, guidance, &mut |p| bar.report(p)))?;
-    write_image(img, out)
+    let values =
+        block_on(sd.generate(prompt, seed, size, steps, guidance, &mut |p| bar.report(p)))?;
+    write_image(&values, size, out)
 }
 
 fn check_steps(steps: usize) -> Result<()> {
@@ -212,7 +213,9 @@ pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Pat
             bar.report(p)
         }),
     )?;
-    write_image(sd.decode(z0), out)
+    let [_, _, h, w] = z0.dims();
+    let f = sd.vae.config().downscale();
+    write_image(&block_on(sd.decode_values(z0))?, (h * f, w * f), out)
 }
 
 /// An `.npy` file's bytes (little-endian f32).
