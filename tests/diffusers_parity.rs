@@ -297,8 +297,9 @@ fn f16(device: &Device) {
     assert_close("f16 VAE decode", &decoded, &expected, F16_TOL);
 
     // Where f16 overflows, the VAE runs again in f32. A latent 1e5 times too large passes
-    // f16's range as it is cast (1e5 / 0.18215 > 65504), so the f16 result is not finite; the
-    // checked decode must equal an f32 decode on the same (f16-valued) weights, finite.
+    // f16's range as it is cast (any value over 0.12: 0.12e5 / 0.18215 > 65504), so the f16
+    // result is not finite; the checked decode must equal an f32 decode on the same
+    // (f16-valued) weights, finite.
     let huge = decode_in * 1e5;
     let in_f16 = values(sd.vae.decode_unclamped_in(huge.clone(), DType::F16));
     assert!(
