@@ -229,19 +229,13 @@ impl Vae {
         &self.config
     }
 
-    /// The dtype of the weights, which [`encode`](Self::encode) and [`decode`](Self::decode)
-    /// compute in.
+    /// The dtype of the weights, which [`decode`](Self::decode) computes in.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
-    /// Image in [-1, 1] → latent: the posterior mean times the scaling factor (0.18215).
-    pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
-        self.encode_in(image, self.dtype)
-    }
-
-    /// [`encode`](Self::encode) computing in `dtype` (f32 on f16 weights: the layers cast them
-    /// as they go).
+    /// Image in [-1, 1] → latent: the posterior mean times the scaling factor (0.18215),
+    /// computed in `dtype` (f32 on f16 weights: the layers cast them as they go).
     pub fn encode_in(&self, image: Tensor<4>, dtype: DType) -> Tensor<4> {
         let mut x = self.enc_conv_in.forward(to_dtype(image, dtype));
         for stage in &self.enc_stages {
