@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod conv_choice;
 pub mod folder;
 pub mod nn;
 pub mod pullback;

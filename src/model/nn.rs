@@ -39,7 +39,8 @@ enum Kernel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvStrategy {
     /// [`Gemm`](ConvStrategy::Gemm) on a native GPU, [`Direct`](ConvStrategy::Direct) on the
-    /// CPU and in the browser.
+    /// CPU and in the browser (where the page sets the faster of the two, timed on the user's
+    /// GPU before the model loads: [`conv_choice`](super::conv_choice)).
     #[default]
     Auto,
     /// burn's own convolution kernels.
@@ -61,8 +62,8 @@ pub fn uses_gemm(device: &Device) -> bool {
     match CONV_STRATEGY.load(Ordering::Relaxed) {
         1 => false,
         2 => true,
-        // Not in the browser: there burn runs without autotune, the gain was measured only
-        // natively, and on SwiftShader the browser tests' edits took 50-65 % longer this way.
+        // Not in the browser unless timed faster there (`conv_choice`): burn runs without
+        // autotune, and on SwiftShader the browser tests' edits took 50-65 % longer this way.
         _ => crate::device::is_native_gpu(device),
     }
 }
@@ -183,8 +184,15 @@ impl Conv2d {
     pub fn load(w: &mut Loader, prefix: &str, spec: ConvSpec) -> Result<Self> {
         let k = spec.kernel;
         let weight = w.tensor(&format!("{prefix}.weight"), [spec.c_out, spec.c_in, k, k])?;
-        let bias = Some(w.tensor(&format!("{prefix}.bias"), [spec.c_out])?);
-        let gemm = uses_gemm(w.device());
+        let bias = w.tensor(&format!("{prefix}.bias"), [spec.c_out])?;
+        Ok(Self::new(weight, Some(bias), spec, uses_gemm(w.device())))
+    }
+
+    /// A convolution of `weight` `[out, in, k, k]`, as im2col + matmul where `gemm` is asked
+    /// and the convolution allows it (stride 1, the same padding on both sides), else through
+    /// burn's `conv2d`.
+    pub fn new(weight: Tensor<4>, bias: Option<Tensor<1>>, spec: ConvSpec, gemm: bool) -> Self {
+        let k = spec.kernel;
         let (p0, p1) = spec.padding;
         let kernel = if gemm && spec.stride == 1 && p0 == p1 {
             Kernel::Gemm {
@@ -205,7 +213,7 @@ impl Conv2d {
                 ),
             }
         };
-        Ok(Self { kernel, bias })
+        Self { kernel, bias }
     }
 
     /// Whether [`pull_back`](Self::pull_back) can pull this convolution back.
