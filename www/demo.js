@@ -11,7 +11,11 @@ function note(text) {
   li.textContent = text;
   log.append(li);
 }
-editor.addEventListener("ready", (e) => note(`ready: ${e.detail.model}, computing in ${e.detail.precision}`));
+editor.addEventListener("ready", (e) => {
+  const { model, precision, convolutions, timings } = e.detail;
+  const timed = timings ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms)` : "";
+  note(`ready: ${model}, computing in ${precision}, convolutions: ${convolutions}${timed}`);
+});
 editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));
 editor.addEventListener("result", async (e) => {
   note(`result: ${e.detail.width}x${e.detail.height} PNG, ${e.detail.blob.size} bytes`);

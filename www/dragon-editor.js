@@ -215,13 +215,13 @@ class DragonEditor extends HTMLElement {
     }
     if (!info.cached) await this.askAndDownload(info);
     this.say("Loading the model…");
-    const { precision } = await this.engine.request("load", { source: this.modelSource });
+    const { precision, convolutions, timings } = await this.engine.request("load", { source: this.modelSource });
     this.precision = precision;
     this.ready = true;
     this.say(this.sketch.hasPhoto ? "Ready." : "Ready. Open a photo to start.", "ok");
     this.updateButtons();
     this.refreshStorage();
-    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision } }));
+    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision, convolutions, timings } }));
   }
 
   askAndDownload(info) {

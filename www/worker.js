@@ -12,8 +12,8 @@ let cancelRequested = false;
 const LONG_REQUESTS = { download: "downloading", load: "loading the model", edit: "editing" };
 let busy = null;
 let loadedModel = null;
-// "f16" or "f32": what the loaded model computes in (f16 where the adapter has shader-f16).
-let loadedPrecision = null;
+// What load_model reported: {precision: "f16" | "f32", convolutions, timings}.
+let loadedInfo = null;
 // Set when the wasm module trapped (a panic, a lost GPU device): its state cannot be trusted.
 let crashed = null;
 
@@ -80,14 +80,14 @@ const handlers = {
   async load({ source }) {
     const manifest = await resolveManifest(source);
     await ready;
-    if (loadedModel === source && wasm.model_loaded()) return { loaded: true, precision: loadedPrecision };
+    if (loadedModel === source && wasm.model_loaded()) return { loaded: true, ...loadedInfo };
     const files = await cachedFiles(manifest);
-    loadedPrecision = await wasm.load_model(files, (p) => {
+    loadedInfo = await wasm.load_model(files, (p) => {
       post({ type: "progress", ...p });
       return true;
     });
     loadedModel = source;
-    return { loaded: true, precision: loadedPrecision };
+    return { loaded: true, ...loadedInfo };
   },
 
   async edit({ spec, image, reference, assets }) {

@@ -5,13 +5,18 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Device};
+use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
 use super::blob_source::BlobFolder;
 use crate::StableDiffusion;
 use crate::edit::{EditSpec, Editor, EngineOptions, InversionCache, Preview};
 use crate::error::Error;
+use crate::model::config::UnetConfig;
+use crate::model::conv_choice::{ConvTimings, time_convolutions};
+use crate::model::folder::{ModelSource, layout};
+use crate::model::nn::{ConvStrategy, set_conv_strategy};
 use crate::progress::Progress;
 
 thread_local! {
@@ -37,15 +42,26 @@ fn progress_fn(on_progress: js_sys::Function) -> impl FnMut(Progress) -> bool {
     }
 }
 
+/// What `load_model` tells the page.
+#[derive(Serialize)]
+struct Loaded {
+    /// "f16" where the adapter has `shader-f16` (half the memory of f32), else "f32".
+    precision: &'static str,
+    /// "im2col + matmul" or "direct": how the model's convolutions run.
+    convolutions: &'static str,
+    /// The timings that chose it; absent where timing failed (burn's kernel is kept then).
+    timings: Option<ConvTimings>,
+}
+
 /// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
-/// WebGPU device, and returns the precision it computes in: "f16" where the adapter has
-/// `shader-f16` (half the memory of f32 weights and activations), else
-/// "f32". Replaces any model loaded before.
+/// WebGPU device, and returns `{precision, convolutions, timings}` (see [`Loaded`]). Before
+/// loading, it times a convolution of the model's first block both ways on this GPU and loads
+/// every convolution the faster way. Replaces any model loaded before.
 #[wasm_bindgen]
 pub async fn load_model(
     files: js_sys::Map,
     on_progress: js_sys::Function,
-) -> Result<String, JsValue> {
+) -> Result<JsValue, JsValue> {
     let device = super::device().await?;
     let dtype = if device.supports_dtype(DType::F16) {
         DType::F16
@@ -55,10 +71,42 @@ pub async fn load_model(
     let mut folder = BlobFolder::from_map(&files).map_err(js_error)?;
     MODEL.with(|m| m.borrow_mut().take());
     INVERSION.with(|c| c.borrow_mut().clear());
+    let timings = match time_first_block(&mut folder, &device, dtype).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            web_sys::console::warn_1(
+                &format!("dragonedit: could not time the convolutions ({e}); using burn's").into(),
+            );
+            None
+        }
+    };
+    let strategy = timings.map_or(ConvStrategy::Direct, |t| t.faster());
+    set_conv_strategy(strategy);
     let sd = StableDiffusion::load(&mut folder, &device, dtype, &mut progress_fn(on_progress))
         .map_err(js_error)?;
     MODEL.with(|m| *m.borrow_mut() = Some(Rc::new(sd)));
-    Ok(if dtype == DType::F16 { "f16" } else { "f32" }.to_string())
+    let loaded = Loaded {
+        precision: if dtype == DType::F16 { "f16" } else { "f32" },
+        convolutions: if strategy == ConvStrategy::Gemm {
+            "im2col + matmul"
+        } else {
+            "direct"
+        },
+        timings,
+    };
+    serde_wasm_bindgen::to_value(&loaded).map_err(|e| JsValue::from_str(&e.to_string()))
+}
+
+/// A 3x3 convolution at the width of the UNet's first block, over a CFG pair of 512 px
+/// latents (64x64): the UNet's and the VAE's most frequent heavy shape.
+async fn time_first_block(
+    folder: &mut BlobFolder,
+    device: &Device,
+    dtype: DType,
+) -> crate::Result<ConvTimings> {
+    let config = UnetConfig::parse(layout::UNET_CONFIG, &folder.read_text(layout::UNET_CONFIG)?)?;
+    let channels = config.block_out_channels.first().copied().unwrap_or(320);
+    time_convolutions(device, dtype, channels, (64, 64), 3).await
 }
 
 /// True once a model is loaded.

@@ -312,6 +312,10 @@ await test("the widget demo completes an edit and fires its result event", async
     check(/result: 128x128 PNG/.test(log), "the host page did not log the result");
     // SwiftShader has no shader-f16, so the model falls back to f32 (and says so).
     check(/computing in f32/.test(log), `the ready event did not report f32: ${log}`);
+    // The page timed a convolution both ways on this GPU before loading and says which won.
+    const timed = log.match(/convolutions: (direct|im2col \+ matmul) \(timed: im2col \+ matmul \d+\.\d ms, direct \d+\.\d ms\)/);
+    check(timed, `the ready event did not report the timed convolutions: ${log}`);
+    console.log(`  SwiftShader ${timed[0]}`);
   } finally {
     await context.close();
   }
