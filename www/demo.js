@@ -13,7 +13,9 @@ function note(text) {
 }
 editor.addEventListener("ready", (e) => {
   const { model, precision, convolutions, timings } = e.detail;
-  const timed = timings ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms)` : "";
+  const timed = timings
+    ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms, difference ${timings.difference.toExponential(1)})`
+    : "";
   note(`ready: ${model}, computing in ${precision}, convolutions: ${convolutions}${timed}`);
 });
 editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));

@@ -72,7 +72,19 @@ pub async fn load_model(
     MODEL.with(|m| m.borrow_mut().take());
     INVERSION.with(|c| c.borrow_mut().clear());
     let timings = match time_first_block(&mut folder, &device, dtype).await {
-        Ok(t) => Some(t),
+        Ok(t) => {
+            if !t.agree() {
+                web_sys::console::warn_1(
+                    &format!(
+                        "dragonedit: im2col + matmul computed another convolution on this GPU \
+                         (difference {:.1e}); using burn's kernel",
+                        t.difference
+                    )
+                    .into(),
+                );
+            }
+            Some(t)
+        }
         Err(e) => {
             web_sys::console::warn_1(
                 &format!("dragonedit: could not time the convolutions ({e}); using burn's").into(),
