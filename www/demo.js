@@ -14,7 +14,7 @@ function note(text) {
 editor.addEventListener("ready", (e) => {
   const { model, precision, convolutions, timings } = e.detail;
   const timed = timings
-    ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms, difference ${timings.difference.toExponential(1)})`
+    ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms; error against f32: im2col + matmul ${timings.gemm_error.toExponential(1)}, direct ${timings.direct_error.toExponential(1)})`
     : "";
   note(`ready: ${model}, computing in ${precision}, convolutions: ${convolutions}${timed}`);
 });

@@ -73,12 +73,12 @@ pub async fn load_model(
     INVERSION.with(|c| c.borrow_mut().clear());
     let timings = match time_first_block(&mut folder, &device, dtype).await {
         Ok(t) => {
-            if !t.agree() {
+            if !t.gemm_is_accurate() {
                 web_sys::console::warn_1(
                     &format!(
                         "dragonedit: im2col + matmul computed another convolution on this GPU \
-                         (difference {:.1e}); using burn's kernel",
-                        t.difference
+                         (error {:.1e} against f32, burn's kernel {:.1e}); using burn's kernel",
+                        t.gemm_error, t.direct_error
                     )
                     .into(),
                 );
