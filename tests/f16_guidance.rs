@@ -10,7 +10,7 @@ mod common;
 
 use burn::tensor::{DType, Tensor};
 use dragonedit::StableDiffusion;
-use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, guidance};
+use dragonedit::edit::{Editor, EngineOptions, GradientMemory, guidance};
 use dragonedit::model::random::{RandomModel, RandomSource};
 use pollster::block_on;
 
@@ -41,16 +41,7 @@ const CONTENT_BOUND: f64 = 2e-2;
 #[test]
 fn f16_guidance_matches_f32_at_sd15_size() {
     let device = dragonedit::device::cpu();
-    let spec = EditSpec::from_json(
-        r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [72, 72],
-            "resolution": 256}"#,
-    )
-    .expect("spec");
-    let read = |name: &str| std::fs::read(common::fixtures().join("move").join(name));
-    let photo = dragonedit::image::decode(&read("image.png").expect("photo")).expect("decodes");
-    let edit = spec
-        .resolve(photo, None, &mut |name| Ok(read(name).expect("mask")))
-        .expect("resolves");
+    let edit = common::move_edit_256();
 
     let mut gradients = Vec::new();
     for dtype in [DType::F32, DType::F16] {

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, guidance};
+use dragonedit::edit::{Editor, EngineOptions, GradientMemory, guidance};
 use dragonedit::heap::{CountingAlloc, peak_since, start};
 use dragonedit::model::attention::AttentionPlan;
 use pollster::block_on;
@@ -44,16 +44,7 @@ fn low_memory_guidance_holds_a_fraction_of_the_autodiff_tape() {
     sd.unet.attention = AttentionPlan {
         max_score_bytes: 4 << 20,
     };
-    let spec = EditSpec::from_json(
-        r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [72, 72],
-            "resolution": 256}"#,
-    )
-    .expect("spec");
-    let read = |name: &str| std::fs::read(common::fixtures().join("move").join(name));
-    let photo = dragonedit::image::decode(&read("image.png").expect("photo")).expect("decodes");
-    let edit = spec
-        .resolve(photo, None, &mut |name| Ok(read(name).expect("mask")))
-        .expect("resolves");
+    let edit = common::move_edit_256();
     let editor = Editor::new(&sd, EngineOptions::default());
     let plan = editor.plan(&edit).expect("plan");
     let z = Tensor::<4>::random([1, 4, 32, 32], Distribution::Normal(0.0, 1.0), &device);

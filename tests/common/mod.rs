@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use dragonedit::StableDiffusion;
+use dragonedit::edit::{Edit, EditSpec};
 use dragonedit::model::folder::DirSource;
 
 pub fn fixtures() -> PathBuf {
@@ -123,4 +124,18 @@ pub fn wgpu_device() -> Option<Device> {
             None
         }
     }
+}
+
+/// The move fixture's photo and mask as a 256 px move edit: a 32x32 latent, so 1024-token
+/// self-attention in `down_blocks.0`.
+pub fn move_edit_256() -> Edit {
+    let spec = EditSpec::from_json(
+        r#"{"mode": "move", "mask": "mask.png", "from": [40, 64], "to": [72, 72],
+            "resolution": 256}"#,
+    )
+    .expect("spec");
+    let read = |name: &str| std::fs::read(fixtures().join("move").join(name));
+    let photo = dragonedit::image::decode(&read("image.png").expect("photo")).expect("decodes");
+    spec.resolve(photo, None, &mut |name| Ok(read(name).expect("mask")))
+        .expect("resolves")
 }
