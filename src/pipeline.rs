@@ -123,8 +123,11 @@ impl StableDiffusion {
     }
 
     /// Latent `[B, 4, h, w]` → the image's values in [0, 1] on the host (`[B, 3, H, W]` in
-    /// order), decoded again in f32 where the VAE's f16 result is not finite.
-    pub async fn decode_values(&self, latent: Tensor<4>) -> Result<Vec<f32>> {
+    /// order) and its size `(H, W)`, decoded again in f32 where the VAE's f16 result is not
+    /// finite.
+    pub async fn decode_values(&self, latent: Tensor<4>) -> Result<(Vec<f32>, (usize, usize))> {
+        let [_, _, h, w] = latent.dims();
+        let f = self.vae.config().downscale();
         let dtype = self.vae.dtype();
         let mut values = read_back(self.vae.decode_unclamped_in(latent.clone(), dtype)).await?;
         if !all_finite(&values) && dtype != DType::F32 {
@@ -133,7 +136,7 @@ impl StableDiffusion {
         for v in &mut values {
             *v = v.clamp(0.0, 1.0);
         }
-        Ok(values)
+        Ok((values, (h * f, w * f)))
     }
 
     /// DDIM inversion of `z0` conditioned on `context` (ALGORITHM.md §2.1).
@@ -215,7 +218,7 @@ impl StableDiffusion {
             .sample(z, prompt, guidance_scale, steps, progress)
             .await?;
         report(progress, Phase::Decoding, 0, 1)?;
-        self.decode_values(z).await
+        Ok(self.decode_values(z).await?.0)
     }
 }
 

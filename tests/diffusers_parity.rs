@@ -288,7 +288,9 @@ fn f16(device: &Device) {
         CPU_TOL,
     );
     let decode_in: Tensor<4> = golden("vae.npz", "decode_in").tensor(device);
-    let decoded = block_on(sd.decode_values(decode_in.clone())).expect("decodes");
+    let (decoded, size) = block_on(sd.decode_values(decode_in.clone())).expect("decodes");
+    let [_, _, h, w] = decode_in.dims();
+    assert_eq!(size, (8 * h, 8 * w), "the decoded image's size");
     let expected: Vec<f32> = golden("vae.npz", "decoded")
         .values
         .iter()
@@ -306,7 +308,7 @@ fn f16(device: &Device) {
         in_f16.iter().any(|v| !v.is_finite()),
         "the overflow this checks did not happen"
     );
-    let checked = block_on(sd.decode_values(huge.clone())).expect("decodes");
+    let (checked, _) = block_on(sd.decode_values(huge.clone())).expect("decodes");
     assert!(
         checked.iter().all(|v| v.is_finite()),
         "the f32 retry is not finite"

@@ -349,10 +349,7 @@ impl<'a> Editor<'a> {
         // `sample` read the final latent back, so the UNet's pages are free; the VAE decoder
         // then takes its own, and they go back once the image is on the host.
         release_unused(self.sd.device());
-        let values = self.sd.decode_values(z.clone()).await?;
-        let [_, _, h, w] = z.dims();
-        let f = self.sd.vae.config().downscale();
-        let (h, w) = (h * f, w * f);
+        let (values, (h, w)) = self.sd.decode_values(z.clone()).await?;
         release_unused(self.sd.device());
         let image = pixels::image_from_values(&values, h, w)?;
         Ok(EditOutput {

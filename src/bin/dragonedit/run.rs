@@ -213,9 +213,8 @@ pub fn reconstruct(args: &ModelArgs, photo: &PhotoArgs, guidance: f32, out: &Pat
             bar.report(p)
         }),
     )?;
-    let [_, _, h, w] = z0.dims();
-    let f = sd.vae.config().downscale();
-    write_image(&block_on(sd.decode_values(z0))?, (h * f, w * f), out)
+    let (values, size) = block_on(sd.decode_values(z0))?;
+    write_image(&values, size, out)
 }
 
 /// An `.npy` file's bytes (little-endian f32).
