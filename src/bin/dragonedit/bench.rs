@@ -551,11 +551,9 @@ fn op_rows(
     (lh, lw): (usize, usize),
     read: impl Fn(Tensor<4>) -> Result<()>,
 ) -> Result<Vec<Row>> {
-    use burn::tensor::module::conv2d;
-    use burn::tensor::ops::ConvOptions;
     use burn::tensor::{DType, Distribution};
     use dragonedit::model::attention::{AttentionPlan, attend_fused};
-    use dragonedit::model::nn::conv2d_gemm;
+    use dragonedit::model::nn::{Conv2d, ConvSpec};
 
     let names = [
         format!("op: conv3x3 320->320, [2,320,{lh},{lw}], burn's conv2d"),
@@ -571,19 +569,19 @@ fn op_rows(
     };
     let x = random([2, 320, lh, lw]);
     let w = random([320, 320, 3, 3]).mul_scalar(0.02);
-    let w_gemm: Tensor<3> = w.clone().permute([0, 2, 3, 1]).reshape([1, 320, 2880]);
+    let direct = Conv2d::new(w.clone(), None, ConvSpec::k3(320, 320), false);
+    let gemm = Conv2d::new(w, None, ConvSpec::k3(320, 320), true);
     let (q, k, v) = (
         random([2, 8, lh * lw, 40]),
         random([2, 8, lh * lw, 40]),
         random([2, 8, lh * lw, 40]),
     );
-    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
     let mut rows = Vec::new();
     rows.extend(measure(&names[0], plan, device, || {
-        read(conv2d(x.clone(), w.clone(), None, options.clone()))
+        read(direct.forward(x.clone()))
     })?);
     rows.extend(measure(&names[1], plan, device, || {
-        read(conv2d_gemm(x.clone(), &w_gemm, None, 3, 1))
+        read(gemm.forward(x.clone()))
     })?);
     let attention = AttentionPlan::default();
     rows.extend(measure(&names[2], plan, device, || {
@@ -601,10 +599,7 @@ fn op_rows(
     eprintln!(
         "bench: check: im2col + matmul against burn's conv2d, relative error {:.2e}; \
          fused attention against score chunks, {:.2e}",
-        relative(
-            conv2d_gemm(x.clone(), &w_gemm, None, 3, 1),
-            conv2d(x.clone(), w.clone(), None, options)
-        )?,
+        relative(gemm.forward(x.clone()), direct.forward(x))?,
         relative(
             attend_fused(q.clone(), k.clone(), v.clone()),
             attention.attend_chunked(q, k, v, false)
