@@ -12,6 +12,8 @@ pub mod error;
 #[cfg(not(target_family = "wasm"))]
 pub mod heap;
 pub mod image;
+#[cfg(not(target_family = "wasm"))]
+pub mod launches;
 pub mod model;
 pub mod pipeline;
 pub mod progress;

@@ -15,7 +15,7 @@ use dragonedit::model::attention::{AttentionStrategy, set_attention_strategy, us
 use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
-use dragonedit::{StableDiffusion, device, heap};
+use dragonedit::{StableDiffusion, device, heap, launches};
 
 use crate::app::Gradients;
 use crate::run::{Bar, load_dir, load_source, open_device_with_pools, read_values};
@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// "guidance" or "op:,UNet").
     #[arg(long)]
     pub only: Option<String>,
+    /// After its timed runs, each row but the whole edits runs once more with every GPU
+    /// kernel launch counted and timed on the device; the kernels that took the most time are
+    /// printed after the table.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -131,6 +136,7 @@ struct Plan<'a> {
     only: Option<&'a str>,
     warmups: usize,
     runs: usize,
+    profile: bool,
 }
 
 impl Plan<'_> {
@@ -149,7 +155,12 @@ struct Row {
     peak_mib: Option<f64>,
     largest_mib: Option<f64>,
     heap_mib: f64,
+    /// `--profile`'s table for this row.
+    profile: Option<String>,
 }
+
+/// Kernels listed by name in a profile; the rest are summed in one line.
+const PROFILE_TOP: usize = 25;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
@@ -195,12 +206,29 @@ fn measure(
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let (peak_mib, largest_mib) = pool(device);
+    let heap_mib = mib(heap::peak_since(heap_base) as u64);
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
+    };
+    let profile = if plan.profile {
+        let p = block_on(launches::profile(true, &mut f, sync))?;
+        let table = launches::table(name, &p, PROFILE_TOP);
+        // Also now, on stderr: the tables on stdout come after the last row, which a time
+        // limit may never let come.
+        eprintln!("{table}");
+        Some(table)
+    } else {
+        None
+    };
     let row = Row {
         name: name.to_string(),
         times_ms,
         peak_mib,
         largest_mib,
-        heap_mib: mib(heap::peak_since(heap_base) as u64),
+        heap_mib,
+        profile,
     };
     print_row(&row);
     Ok(Some(row))
@@ -351,10 +379,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         only: args.only.as_deref(),
         warmups: args.warmups,
         runs: args.runs.max(1),
+        profile: args.profile && !args.cpu,
     };
     let edit_plan = Plan {
         warmups: args.edit_warmups.unwrap_or(plan.warmups),
         runs: args.edit_runs.unwrap_or(plan.runs).max(1),
+        profile: false,
         ..plan
     };
     let context = sd.encode_prompts(&["", ""])?;
@@ -537,6 +567,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 cache.hits(),
             );
         }
+    }
+    for profile in rows.iter().filter_map(|r| r.profile.as_ref()) {
+        println!("{profile}");
     }
     eprintln!("bench: {} rows", rows.len());
     Ok(())
