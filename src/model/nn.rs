@@ -121,15 +121,14 @@ fn gemm_in_bands(
                 } else {
                     input
                 };
-                let shifted: Vec<Tensor<4>> = (0..kernel * kernel)
-                    .map(|i| {
-                        let (dy, dx) = (i / kernel, i % kernel);
-                        input
-                            .clone()
-                            .slice([0..b, 0..c, dy..dy + rows, dx..dx + ow])
-                    })
-                    .collect();
-                let cols = Tensor::cat(shifted, 1).reshape([b, kernel * kernel * c, rows * ow]);
+                // Every k x k window as a strided view `[b, c, rows, ow, dy, dx]` of the padded
+                // input, laid out (dy, dx, c) like the weight by one copy: one kernel launch
+                // where nine shifted slices and their concatenation took about eleven.
+                let cols = input
+                    .unfold::<5, _>(2, kernel, 1)
+                    .unfold::<6, _>(3, kernel, 1)
+                    .permute([0, 4, 5, 1, 2, 3])
+                    .reshape([b, kernel * kernel * c, rows * ow]);
                 weight.clone().matmul(cols).reshape([b, out, rows, ow])
             })
             .collect();
