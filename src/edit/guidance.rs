@@ -30,9 +30,10 @@ pub enum GradientMemory {
     /// memory.
     Recompute,
     /// The forward runs once, for one row, and keeps a few activations per step; the backward
-    /// pulls both energies' rows back by hand through the convolutions, linear layers and
-    /// attention cores, running only the norms and activations again (`Keep::Lean`). A third
-    /// of flash's memory at SD 1.5's size, and less work (docs/BENCHMARKS.md).
+    /// pulls both energies' rows back by hand through the convolutions, linear layers,
+    /// attention cores, norms and activations (`Keep::Lean`). A third of flash's memory at SD
+    /// 1.5's size, less work, and a third fewer kernel launches than autodiff of the norms
+    /// (docs/BENCHMARKS.md).
     #[default]
     Lean,
 }

@@ -8,6 +8,7 @@ use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use super::pullback::widen;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -391,6 +392,47 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in closed form:
+    /// with `x̂` the normalised input and `ĝ = γ ⊙ gᵀ∂f/∂y` at the norm's output `y`,
+    /// `rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))` per group. `g` may have more rows than `x` (one
+    /// per energy): the statistics are taken once, at `x`'s rows. About nine kernel launches,
+    /// where autodiff of the same piece launched about forty (docs/BENCHMARKS.md); the means
+    /// are taken in f32, as the forward's statistics are.
+    pub fn pull_back(&self, x: &Tensor<4>, g: Tensor<4>, then_silu: bool) -> Tensor<4> {
+        let rows = g.dims()[0];
+        let x = if x.dims()[0] == 1 {
+            x.clone()
+        } else {
+            widen(x, rows)
+        };
+        let [b, c, h, wd] = x.dims();
+        let dtype = x.dtype();
+        let (groups, n) = (self.groups, (c / self.groups) * h * wd);
+        let grouped = x.reshape([b, groups, n]);
+        let (var, mean) = group_statistics(grouped.clone());
+        let rstd = to_dtype((var + self.eps).sqrt().recip(), dtype);
+        let x_hat = (grouped - to_dtype(mean, dtype)) * rstd.clone();
+        let gamma = to_dtype(self.gamma.clone(), dtype).reshape([1, c, 1, 1]);
+        let g = to_dtype(g, dtype);
+        let g_y = if then_silu {
+            let beta = to_dtype(self.beta.clone(), dtype).reshape([1, c, 1, 1]);
+            let y = x_hat.clone().reshape([b, c, h, wd]) * gamma.clone() + beta;
+            let s = activation::sigmoid(y.clone());
+            // SiLU'(y) = σ(y) (1 + y (1 − σ(y))).
+            g * (s.clone() * (y * (s.neg() + 1.0) + 1.0))
+        } else {
+            g
+        };
+        let g_hat = (g_y * gamma).reshape([rows, groups, n]);
+        let mean_f32 = |t: Tensor<3>| to_dtype(t.mean_dim(2), dtype);
+        let m1 = mean_f32(to_dtype(g_hat.clone(), DType::F32));
+        let m2 =
+            mean_f32(to_dtype(g_hat.clone(), DType::F32) * to_dtype(x_hat.clone(), DType::F32));
+        ((g_hat - m1 - x_hat * m2) * rstd).reshape([rows, c, h, wd])
+    }
+}
+
 /// The most f32 memory a group norm's statistics take at once; a larger input is reduced in
 /// slices of groups. The VAE decoder's last norms (256 channels at 512 px) would otherwise take
 /// an f32 copy, a centred copy and its square of 256 MiB each.
@@ -452,6 +494,28 @@ impl LayerNorm {
             self.eps,
         );
         to_dtype(y, dtype)
+    }
+}
+
+impl LayerNorm {
+    /// `gᵀ ∂norm/∂x` at `x` in closed form, as [`GroupNorm::pull_back`] (one group per
+    /// token), in f32 like the forward; `g` may have more rows than `x`.
+    pub fn pull_back<const D: usize>(&self, x: &Tensor<D>, g: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let last = D - 1;
+        let x = if x.dims()[0] == 1 {
+            x.clone()
+        } else {
+            widen(x, g.dims()[0])
+        };
+        let x = to_dtype(x, DType::F32);
+        let (var, mean) = x.clone().var_mean_bias(last);
+        let rstd = (var + self.eps).sqrt().recip();
+        let x_hat = (x - mean) * rstd.clone();
+        let g_hat = to_dtype(g, DType::F32) * self.gamma.clone().unsqueeze::<D>();
+        let m1 = g_hat.clone().mean_dim(last);
+        let m2 = (g_hat.clone() * x_hat.clone()).mean_dim(last);
+        to_dtype((g_hat - m1 - x_hat * m2) * rstd, dtype)
     }
 }
 
@@ -592,6 +656,35 @@ mod tests {
         let want = x.grad(&grads).expect("the input's gradient");
         let diff = (lin.pull_back(g) - want).abs().max().into_scalar::<f32>();
         assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn norm_pull_backs_equal_autodiff() {
+        use crate::model::pullback::pullback_wide;
+        let device = Device::flex();
+        // Inputs with a non-zero mean and unequal spread per group, one row pulled back with
+        // two cotangent rows, as in the guidance's lean backward.
+        let x = wave([1, 8, 5, 3], 0.3, &device) * 2.5 + 0.7;
+        let g = wave([2, 8, 5, 3], 2.1, &device);
+        let gn = GroupNorm::new(wave([8], 1.3, &device), wave([8], 0.4, &device), 4, 1e-5);
+        for then_silu in [false, true] {
+            let want = pullback_wide(&x, g.clone(), |x| {
+                let y = gn.forward(x);
+                if then_silu { silu(y) } else { y }
+            });
+            let got = gn.pull_back(&x, g.clone(), then_silu);
+            assert_eq!(got.dims(), [2, 8, 5, 3]);
+            let diff = max_abs(got - want.clone()) / max_abs(want);
+            assert!(diff < 1e-5, "silu {then_silu}: {diff}");
+        }
+        let ln = LayerNorm::new(wave([6], 0.9, &device), wave([6], 0.2, &device), 1e-5);
+        let x = wave([1, 4, 6], 1.7, &device) * 3.0 - 1.1;
+        let g = wave([2, 4, 6], 0.5, &device);
+        let want = pullback_wide(&x, g.clone(), |x| ln.forward(x));
+        let got = ln.pull_back(&x, g);
+        let scale = want.clone().abs().max().into_scalar::<f32>();
+        let diff = (got - want).abs().max().into_scalar::<f32>() / scale;
+        assert!(diff < 1e-5, "layer norm: {diff}");
     }
 
     #[test]

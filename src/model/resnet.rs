@@ -3,7 +3,6 @@
 use burn::tensor::Tensor;
 
 use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu};
-use super::pullback::pullback_wide;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -115,7 +114,7 @@ impl ResnetBlock {
 
     /// `gᵀ ∂block/∂x` from a [`trace`](Self::trace); `g` may have more rows than the traced
     /// input (one per energy). The convolutions are pulled back by hand, needing nothing kept;
-    /// the norms and activations run again under autodiff from the kept tensors, one at a time.
+    /// each norm with its SiLU in closed form from the kept tensor ([`GroupNorm::pull_back`]).
     /// `None` when a convolution has no hand-written pull-back (see
     /// [`has_pull_back`](Self::has_pull_back); never in SD 1.5's UNet).
     pub fn pull_back(&self, trace: ResnetTrace, g: Tensor<4>) -> Option<Tensor<4>> {
@@ -129,9 +128,9 @@ impl ResnetBlock {
             None => g.clone(),
         };
         let g_act = self.conv2.pull_back(g)?;
-        let g_h = pullback_wide(&trace.h, g_act, |h| silu(self.norm2.forward(h)));
+        let g_h = self.norm2.pull_back(&trace.h, g_act, true);
         let g_act = self.conv1.pull_back(g_h)?;
-        let g_x = pullback_wide(&trace.x, g_act, |x| silu(self.norm1.forward(x)));
+        let g_x = self.norm1.pull_back(&trace.x, g_act, true);
         Some(g_skip + g_x)
     }
 }

@@ -47,7 +47,8 @@ pub enum Keep {
     Inputs,
     /// The few activations a hand-written pull-back of the step needs (no autodiff graph): the
     /// convolutions, linear layers and attention cores are pulled back by hand, the norms and
-    /// activations run again under autodiff, one at a time. Nothing heavy runs twice.
+    /// activations in closed form (autodiff only for the upsamplers' interpolation). Nothing
+    /// heavy runs twice.
     Lean,
 }
 

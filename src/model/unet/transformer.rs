@@ -6,8 +6,8 @@ use burn::tensor::{Tensor, activation::gelu};
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
-use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear};
-use crate::model::pullback::{Kept, pullback_wide};
+use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, to_dtype};
+use crate::model::pullback::Kept;
 use crate::weights::Loader;
 
 /// diffusers' `Attention` with separate q/k/v projections and `to_out.0`.
@@ -260,26 +260,26 @@ impl TransformerBlock {
     }
 
     /// `gᵀ ∂block/∂x` from a [`trace_lean`](Self::trace_lean); `g` may have more rows than the
-    /// traced input. Linear layers and attention cores are pulled back by hand; the norms and
-    /// the GEGLU run again under autodiff from the kept tensors.
+    /// traced input. Everything is pulled back by hand: linear layers and attention cores,
+    /// and the norms and the GEGLU in closed form from the kept tensors.
     fn pull_back_lean(&self, t: LeanBlockTrace, g: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
         // Feed-forward.
         let g_inner = self.ff_out.pull_back(g.clone());
-        let g_h = pullback_wide(&t.h, g_inner, geglu);
+        let g_h = geglu_pull_back(&t.h, g_inner);
         let g_n3 = self.ff_in.pull_back(g_h);
-        let g_x2 = g + pullback_wide(&t.x2, g_n3, |x| self.norm3.forward(x));
+        let g_x2 = g + self.norm3.pull_back(&t.x2, g_n3);
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
         let [g_q2, _, _] = self.attn2.core_pullback_rows(&t.qkv2, &t.o2, g_o2, plan);
         let g_n2 = self.attn2.to_q.pull_back(g_q2);
-        let g_x1 = g_x2 + pullback_wide(&t.x1, g_n2, |x| self.norm2.forward(x));
+        let g_x1 = g_x2 + self.norm2.pull_back(&t.x1, g_n2);
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
         let [g_q, g_k, g_v] = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
         let g_n1 = self.attn1.to_q.pull_back(g_q)
             + self.attn1.to_k.pull_back(g_k)
             + self.attn1.to_v.pull_back(g_v);
-        g_x1 + pullback_wide(&t.x, g_n1, |x| self.norm1.forward(x))
+        g_x1 + self.norm1.pull_back(&t.x, g_n1)
     }
 }
 
@@ -289,6 +289,22 @@ fn geglu(h: Tensor<3>) -> Tensor<3> {
     let value = h.clone().narrow(2, 0, inner);
     let gate = h.narrow(2, inner, inner);
     value * gelu(gate)
+}
+
+/// `gᵀ ∂geglu/∂h` at `h` in closed form (`g` may have more rows than `h`): `g · GELU(gate)`
+/// for the value half, `g · value · GELU'(gate)` for the gate half, with GELU'(x) = Φ(x) +
+/// x φ(x) for burn's exact (erf) GELU.
+fn geglu_pull_back(h: &Tensor<3>, g: Tensor<3>) -> Tensor<3> {
+    let inner = h.dims()[2] / 2;
+    let g = to_dtype(g, h.dtype());
+    let value = h.clone().narrow(2, 0, inner);
+    let gate = h.clone().narrow(2, inner, inner);
+    let cdf = (gate.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() * 0.5 + 0.5;
+    let pdf = (gate.clone().powi_scalar(2) * -0.5).exp()
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    let g_value = g.clone() * gate.clone() * cdf.clone();
+    let g_gate = g * value * (cdf + gate * pdf);
+    Tensor::cat(vec![g_value, g_gate], 2)
 }
 
 /// A transformer block's forward as [`TransformerBlock::pull_back_lean`] needs it.
@@ -526,7 +542,7 @@ impl Transformer2D {
             Projection::Conv(conv) => conv.pull_back(from_tokens(g_tokens))?,
             Projection::Linear(lin) => from_tokens(lin.pull_back(g_tokens)),
         };
-        Some(g + pullback_wide(&trace.x, g_normed, |x| self.norm.forward(x)))
+        Some(g + self.norm.pull_back(&trace.x, g_normed, false))
     }
 
     /// `gᵀ ∂transformer/∂x` at `x`, running the forward again.
@@ -539,5 +555,32 @@ impl Transformer2D {
     ) -> Tensor<4> {
         let (_, trace) = self.trace(x, context, plan);
         self.pull_back_trace(trace, g, plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::pullback::pullback_wide;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn geglu_pull_back_equals_autodiff() {
+        let device = Device::flex();
+        let wave = |shape: [usize; 3], seed: f32, amp: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| amp * (i as f32 * 0.37 + seed).sin())
+                .collect();
+            Tensor::<3>::from_data(TensorData::new(v, shape), &device)
+        };
+        // Gates over GELU's curved range (±3), one row pulled back with two cotangent rows.
+        let h = wave([1, 5, 8], 0.4, 3.0);
+        let g = wave([2, 5, 4], 1.3, 1.0);
+        let want = pullback_wide(&h, g.clone(), geglu);
+        let got = geglu_pull_back(&h, g);
+        let scale = want.clone().abs().max().into_scalar::<f32>();
+        let diff = (got - want).abs().max().into_scalar::<f32>() / scale;
+        assert!(diff < 1e-5, "{diff}");
     }
 }
