@@ -124,7 +124,7 @@ fn gemm_in_bands(
                 };
                 // Every k x k window as a strided view `[b, c, rows, ow, dy, dx]` of the padded
                 // input, laid out (dy, dx, c) like the weight by one copy: one kernel launch
-                // where nine shifted slices and their concatenation took about eleven.
+                // where nine shifted slices and their concatenation took ten.
                 let cols = input
                     .unfold::<5, _>(2, kernel, 1)
                     .unfold::<6, _>(3, kernel, 1)
@@ -390,15 +390,13 @@ impl GroupNorm {
         normed * to_dtype(self.gamma.clone(), dtype).reshape([1, c, 1, 1])
             + to_dtype(self.beta.clone(), dtype).reshape([1, c, 1, 1])
     }
-}
 
-impl GroupNorm {
     /// `gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in closed form:
     /// with `x̂` the normalised input and `ĝ = γ ⊙ gᵀ∂f/∂y` at the norm's output `y`,
     /// `rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))` per group. `g` may have more rows than `x` (one
-    /// per energy): the statistics are taken once, at `x`'s rows. About nine kernel launches,
-    /// where autodiff of the same piece launched about forty (docs/BENCHMARKS.md); the means
-    /// are taken in f32, as the forward's statistics are.
+    /// per energy): the statistics are taken once, at `x`'s rows. 7 kernel launches alone,
+    /// where autodiff of the same piece launched 33 (docs/BENCHMARKS.md); the means are taken
+    /// in f32, as the forward's statistics are.
     pub fn pull_back(&self, x: &Tensor<4>, g: Tensor<4>, then_silu: bool) -> Tensor<4> {
         let rows = g.dims()[0];
         let x = if x.dims()[0] == 1 {
@@ -495,9 +493,7 @@ impl LayerNorm {
         );
         to_dtype(y, dtype)
     }
-}
 
-impl LayerNorm {
     /// `gᵀ ∂norm/∂x` at `x` in closed form, as [`GroupNorm::pull_back`] (one group per
     /// token), in f32 like the forward; `g` may have more rows than `x`.
     pub fn pull_back<const D: usize>(&self, x: &Tensor<D>, g: Tensor<D>) -> Tensor<D> {
