@@ -1,7 +1,8 @@
 //! Which GPU kernels a pass launches, how often, and how long each took on the device (`bench
-//! --profile`, native only). cubecl's launch observer sees every launch the process issues (fused kernels
-//! included, when fusion flushes them); each launch is bracketed by device timestamps and the
-//! measurements are read once the pass is over, so kernels still run back to back.
+//! --profile`, native only). cubecl's launch observer sees every launch the process issues
+//! (fused kernels included, when fusion flushes them); each launch is bracketed by device
+//! timestamps and the measurements are read once the pass is over, so kernels still run back
+//! to back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,14 +18,12 @@ pub struct KernelTotal {
     pub launches: usize,
     /// Summed over the launches whose measurement came back.
     pub time: Duration,
-    pub timed: usize,
 }
 
 /// A pass's launches, by kernel, and how they were timed.
 #[derive(Debug, Default)]
 pub struct PassProfile {
     pub kernels: Vec<(String, KernelTotal)>,
-    pub launches: usize,
     /// Timed by the device's timestamps (the rest, if any, by the host's clock around a
     /// blocking submit, which includes the submit: wgpu falls back to it when timestamp
     /// queries run out).
@@ -35,6 +34,10 @@ pub struct PassProfile {
 impl PassProfile {
     pub fn time(&self) -> Duration {
         self.kernels.iter().map(|(_, k)| k.time).sum()
+    }
+
+    pub fn launches(&self) -> usize {
+        self.kernels.iter().map(|(_, k)| k.launches).sum()
     }
 }
 
@@ -105,12 +108,10 @@ async fn summarize(recorded: Recorded) -> PassProfile {
     let mut out = PassProfile::default();
     for (kernel, n) in recorded.launches {
         by_name.entry(short_name(kernel)).or_default().launches += n;
-        out.launches += n;
     }
     let mut add = |kernel: &str, duration: Duration, method: TimingMethod| {
         let total = by_name.entry(short_name(kernel)).or_default();
         total.time += duration;
-        total.timed += 1;
         match method {
             TimingMethod::Device => out.device_timed += 1,
             TimingMethod::System => out.host_timed += 1,
@@ -149,7 +150,9 @@ pub fn table(name: &str, p: &PassProfile, top: usize) -> String {
     let mut s = format!(
         "\n#### profile: {name}\n\n{} launches, {total:.1} ms of kernel time summed ({} timed \
          on the device, {} by the host's clock)\n\n| kernel | launches | ms | share |\n|---|---|---|---|\n",
-        p.launches, p.device_timed, p.host_timed
+        p.launches(),
+        p.device_timed,
+        p.host_timed
     );
     let share = |ms: f64| {
         if total > 0.0 {

@@ -8,7 +8,7 @@ use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::pullback::widen;
+use super::pullback::broadcast_rows;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -399,11 +399,7 @@ impl GroupNorm {
     /// in f32, as the forward's statistics are.
     pub fn pull_back(&self, x: &Tensor<4>, g: Tensor<4>, then_silu: bool) -> Tensor<4> {
         let rows = g.dims()[0];
-        let x = if x.dims()[0] == 1 {
-            x.clone()
-        } else {
-            widen(x, rows)
-        };
+        let x = broadcast_rows(x, rows);
         let [b, c, h, wd] = x.dims();
         let dtype = x.dtype();
         let (groups, n) = (self.groups, (c / self.groups) * h * wd);
@@ -423,10 +419,10 @@ impl GroupNorm {
             g
         };
         let g_hat = (g_y * gamma).reshape([rows, groups, n]);
-        let mean_f32 = |t: Tensor<3>| to_dtype(t.mean_dim(2), dtype);
-        let m1 = mean_f32(to_dtype(g_hat.clone(), DType::F32));
-        let m2 =
-            mean_f32(to_dtype(g_hat.clone(), DType::F32) * to_dtype(x_hat.clone(), DType::F32));
+        let g_hat_f32 = to_dtype(g_hat.clone(), DType::F32);
+        let mean_of = |t: Tensor<3>| to_dtype(t.mean_dim(2), dtype);
+        let m1 = mean_of(g_hat_f32.clone());
+        let m2 = mean_of(g_hat_f32 * to_dtype(x_hat.clone(), DType::F32));
         ((g_hat - m1 - x_hat * m2) * rstd).reshape([rows, c, h, wd])
     }
 }
@@ -499,12 +495,7 @@ impl LayerNorm {
     pub fn pull_back<const D: usize>(&self, x: &Tensor<D>, g: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let last = D - 1;
-        let x = if x.dims()[0] == 1 {
-            x.clone()
-        } else {
-            widen(x, g.dims()[0])
-        };
-        let x = to_dtype(x, DType::F32);
+        let x = to_dtype(broadcast_rows(x, g.dims()[0]), DType::F32);
         let (var, mean) = x.clone().var_mean_bias(last);
         let rstd = (var + self.eps).sqrt().recip();
         let x_hat = (x - mean) * rstd.clone();

@@ -82,6 +82,16 @@ pub fn widen<const D: usize>(x: &Tensor<D>, rows: usize) -> Tensor<D> {
     }
 }
 
+/// `x` ready to broadcast against a cotangent of `rows` rows: as it is when it has one row,
+/// else [`widen`]ed. The closed-form pull-backs take their statistics at the kept rows only.
+pub fn broadcast_rows<const D: usize>(x: &Tensor<D>, rows: usize) -> Tensor<D> {
+    if x.dims()[0] == 1 {
+        x.clone()
+    } else {
+        widen(x, rows)
+    }
+}
+
 /// [`pullback`] at `x` widened to `g`'s batch.
 pub fn pullback_wide<const D: usize, const E: usize>(
     x: &Tensor<D>,

@@ -366,6 +366,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if !(1..=1000).contains(&args.steps) {
         anyhow::bail!("--steps must be between 1 and 1000, got {}", args.steps);
     }
+    if args.profile && args.cpu {
+        eprintln!("bench: --profile counts GPU kernel launches; with --cpu it is ignored");
+    }
     dragonedit::model::nn::set_conv_strategy(args.conv.into());
     set_attention_strategy(args.attention.into());
     let device = open_device_with_pools(args.cpu, args.pools.into())?;
