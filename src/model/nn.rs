@@ -3,7 +3,7 @@
 //! Weights are constants (no parameter gradients are ever needed): the guidance differentiates
 //! with respect to the latent only, so these never need burn's `Module` machinery.
 
-use burn::tensor::module::{conv2d, layer_norm, linear};
+use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -16,7 +16,6 @@ use crate::weights::Loader;
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     kernel: Kernel,
-    bias: Option<Tensor<1>>,
 }
 
 /// The weight in the layout of the way the convolution is computed.
@@ -25,12 +24,16 @@ enum Kernel {
     /// burn's `conv2d`, weight `[out, in, k, k]`.
     Direct {
         weight: Tensor<4>,
+        bias: Option<Tensor<1>>,
         options: ConvOptions<2>,
     },
     /// A stride-1 convolution as one matrix product over shifted copies of the input (im2col):
-    /// weight `[1, out, k * k * in]`, ordered (dy, dx, in) like the copies.
+    /// weight `[1, out, k * k * in]`, ordered (dy, dx, in) like the copies, and the bias shaped
+    /// `[1, out, 1]` once here: a reshape in burn-fusion's stream ends a fused segment, and
+    /// one between the matrix product and the bias add left the add a kernel of its own.
     Gemm {
         weight: Tensor<3>,
+        bias: Option<Tensor<3>>,
         kernel: usize,
         padding: usize,
     },
@@ -79,17 +82,20 @@ const GEMM_BAND_BYTES: usize = 64 << 20;
 pub fn conv2d_gemm(
     x: Tensor<4>,
     weight: &Tensor<3>,
-    bias: Option<&Tensor<1>>,
+    bias: Option<&Tensor<3>>,
     kernel: usize,
     padding: usize,
 ) -> Tensor<4> {
-    gemm_in_bands(x, weight, bias, kernel, padding, GEMM_BAND_BYTES)
+    gemm_in_bands(x, weight, bias, None, kernel, padding, GEMM_BAND_BYTES)
 }
 
+/// [`conv2d_gemm`] plus `plus`, `[B or 1, out, 1]` (one value per channel) or `[B, out, h*w]`
+/// (a whole image), added in the matrix product's kernel.
 fn gemm_in_bands(
     x: Tensor<4>,
     weight: &Tensor<3>,
-    bias: Option<&Tensor<1>>,
+    bias: Option<&Tensor<3>>,
+    plus: Option<&Tensor<3>>,
     kernel: usize,
     padding: usize,
     band_bytes: usize,
@@ -97,11 +103,28 @@ fn gemm_in_bands(
     let [b, c, h, w] = x.dims();
     let out = weight.dims()[1];
     let (oh, ow) = (h + 2 * padding + 1 - kernel, w + 2 * padding + 1 - kernel);
-    let y = if kernel == 1 {
-        weight
-            .clone()
-            .matmul(x.reshape([b, c, h * w]))
-            .reshape([b, out, oh, ow])
+    // Added before the result is reshaped to an image, so that they fuse into the product
+    // (burn-fusion ends a fused segment at a reshape).
+    let product = |cols: Tensor<3>, r0: usize, rows: usize| {
+        let plus = plus.map(|p| {
+            if p.dims()[2] == 1 || rows == oh {
+                p.clone()
+            } else {
+                p.clone().narrow(2, r0 * ow, rows * ow)
+            }
+        });
+        let y = weight.clone().matmul(cols);
+        let y = match bias {
+            Some(bias) => y + bias.clone(),
+            None => y,
+        };
+        match plus {
+            Some(p) => y + p,
+            None => y,
+        }
+    };
+    if kernel == 1 {
+        product(x.reshape([b, c, h * w]), 0, oh).reshape([b, out, oh, ow])
     } else {
         let row_bytes = b * kernel * kernel * c * ow * x.dtype().size();
         let band = (band_bytes / row_bytes.max(1)).clamp(1, oh);
@@ -130,7 +153,7 @@ fn gemm_in_bands(
                     .unfold::<6, _>(3, kernel, 1)
                     .permute([0, 4, 5, 1, 2, 3])
                     .reshape([b, kernel * kernel * c, rows * ow]);
-                weight.clone().matmul(cols).reshape([b, out, rows, ow])
+                product(cols, r0, rows).reshape([b, out, rows, ow])
             })
             .collect();
         if bands.len() == 1 {
@@ -138,10 +161,6 @@ fn gemm_in_bands(
         } else {
             Tensor::cat(bands, 2)
         }
-    };
-    match bias {
-        Some(bias) => y + bias.clone().reshape([1, out, 1, 1]),
-        None => y,
     }
 }
 
@@ -199,12 +218,14 @@ impl Conv2d {
                 weight: weight
                     .permute([0, 2, 3, 1])
                     .reshape([1, spec.c_out, k * k * spec.c_in]),
+                bias: bias.map(|b| b.reshape([1, spec.c_out, 1])),
                 kernel: k,
                 padding: p0,
             }
         } else {
             Kernel::Direct {
                 weight,
+                bias,
                 options: ConvOptions::new_with_padding(
                     [spec.stride; 2],
                     [spec.padding; 2],
@@ -213,13 +234,15 @@ impl Conv2d {
                 ),
             }
         };
-        Self { kernel, bias }
+        Self { kernel }
     }
 
     /// Whether [`pull_back`](Self::pull_back) can pull this convolution back.
     pub fn has_pull_back(&self) -> bool {
         match &self.kernel {
-            Kernel::Direct { weight, options } => {
+            Kernel::Direct {
+                weight, options, ..
+            } => {
                 let k = weight.dims()[2];
                 let (p, after) = options.padding[0];
                 options.stride == [1, 1]
@@ -244,7 +267,9 @@ impl Conv2d {
             return None;
         }
         match &self.kernel {
-            Kernel::Direct { weight, options } => {
+            Kernel::Direct {
+                weight, options, ..
+            } => {
                 let k = weight.dims()[2];
                 let p = options.padding[0].0;
                 let flipped = weight.clone().swap_dims(0, 1).flip([2, 3]);
@@ -260,6 +285,7 @@ impl Conv2d {
                 weight,
                 kernel,
                 padding,
+                ..
             } => {
                 let (k, p) = (*kernel, *padding);
                 let [_, out, cols] = weight.dims();
@@ -279,32 +305,67 @@ impl Conv2d {
     /// Computes in `x`'s dtype; weights of another dtype are cast for the call (the VAE's f32
     /// retry runs on its f16 weights).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_inner(x, None)
+    }
+
+    /// `forward(x) + plus`, with `plus` `[B or 1, out, 1]` (one value per channel) or
+    /// `[B, out, h*w]` (an output-sized image, flattened): computed as im2col + matmul, the sum
+    /// runs in the product's kernel instead of one of its own.
+    pub fn forward_plus(&self, x: Tensor<4>, plus: Tensor<3>) -> Tensor<4> {
+        self.forward_inner(x, Some(plus))
+    }
+
+    fn forward_inner(&self, x: Tensor<4>, plus: Option<Tensor<3>>) -> Tensor<4> {
         let dtype = x.dtype();
-        let bias = self.bias.clone().map(|b| to_dtype(b, dtype));
         match &self.kernel {
-            Kernel::Direct { weight, options } => {
-                conv2d(x, to_dtype(weight.clone(), dtype), bias, options.clone())
+            Kernel::Direct {
+                weight,
+                bias,
+                options,
+            } => {
+                let y = conv2d(
+                    x,
+                    to_dtype(weight.clone(), dtype),
+                    bias.clone().map(|b| to_dtype(b, dtype)),
+                    options.clone(),
+                );
+                match plus {
+                    Some(p) => {
+                        let [_, out, h, w] = y.dims();
+                        let [pb, _, n] = p.dims();
+                        let (ph, pw) = if n == 1 { (1, 1) } else { (h, w) };
+                        debug_assert!(n == 1 || n == h * w, "plus {n} against {h}x{w}");
+                        y + p.reshape([pb, out, ph, pw])
+                    }
+                    None => y,
+                }
             }
             Kernel::Gemm {
                 weight,
+                bias,
                 kernel,
                 padding,
-            } => conv2d_gemm(
+            } => gemm_in_bands(
                 x,
                 &to_dtype(weight.clone(), dtype),
-                bias.as_ref(),
+                bias.clone().map(|b| to_dtype(b, dtype)).as_ref(),
+                plus.as_ref(),
                 *kernel,
                 *padding,
+                GEMM_BAND_BYTES,
             ),
         }
     }
 }
 
-/// A linear layer; the weight is kept `[in, out]`.
+/// A linear layer on `[B, N, in]` tokens. The weight is kept `[1, in, out]` and the bias
+/// `[1, 1, out]`, shaped once at load: burn's `linear` reshapes both on every call, and a
+/// reshape in burn-fusion's stream ends a fused segment, so the bias add ran as a kernel of its
+/// own instead of in the matrix product's (docs/BENCHMARKS.md, "Kernel launches per pass").
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor<2>,
-    bias: Option<Tensor<1>>,
+    weight: Tensor<3>,
+    bias: Option<Tensor<3>>,
 }
 
 impl Linear {
@@ -321,30 +382,65 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
+    }
+
+    /// A layer of `weight` `[in, out]` and `bias` `[out]`.
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: weight.unsqueeze(),
+            bias: bias.map(|b| b.unsqueeze()),
+        }
+    }
+
+    /// The layers side by side, as one: their outputs concatenated (all with a bias or none).
+    pub fn concat(layers: Vec<Linear>) -> Self {
+        let (weights, biases): (Vec<_>, Vec<_>) =
+            layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
+        let bias = biases
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(|b| Tensor::cat(b, 2));
+        Self {
+            weight: Tensor::cat(weights, 2),
+            bias,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[2]
     }
 
     /// Computes in `x`'s dtype, as [`Conv2d::forward`] does.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
-        linear(
-            x,
-            to_dtype(self.weight.clone(), dtype),
-            self.bias.clone().map(|b| to_dtype(b, dtype)),
-        )
+        let y = x.matmul(to_dtype(self.weight.clone(), dtype));
+        match &self.bias {
+            Some(bias) => y + to_dtype(bias.clone(), dtype),
+            None => y,
+        }
+    }
+
+    /// [`forward`](Self::forward) for `[B, in]` rows.
+    pub fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        let [b, _] = x.dims();
+        self.forward(x.unsqueeze_dim(1))
+            .reshape([b, self.out_features()])
     }
 
     /// `gᵀ ∂linear/∂x`: `g Wᵀ`, needing nothing of `x`.
-    pub fn pull_back<const D: usize>(&self, g: Tensor<D>) -> Tensor<D> {
-        linear(g, self.weight.clone().transpose(), None)
+    pub fn pull_back(&self, g: Tensor<3>) -> Tensor<3> {
+        g.matmul(self.weight.clone().swap_dims(1, 2))
     }
 }
 
-/// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance.
+/// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance. The scale and shift are kept
+/// `[1, C, 1, 1]`, shaped once at load so that no reshape splits the norm's elementwise tail
+/// into kernels of their own (as for [`Linear`]).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
+    gamma: Tensor<4>,
+    beta: Tensor<4>,
     groups: usize,
     eps: f64,
 }
@@ -357,19 +453,20 @@ impl GroupNorm {
         channels: usize,
         eps: f64,
     ) -> Result<Self> {
-        Ok(Self {
-            gamma: w.tensor(&format!("{prefix}.weight"), [channels])?,
-            beta: w.tensor(&format!("{prefix}.bias"), [channels])?,
+        Ok(Self::new(
+            w.tensor(&format!("{prefix}.weight"), [channels])?,
+            w.tensor(&format!("{prefix}.bias"), [channels])?,
             groups,
             eps,
-        })
+        ))
     }
 
     /// A norm of `channels` channels in `groups` groups with the given scale and shift.
     pub fn new(gamma: Tensor<1>, beta: Tensor<1>, groups: usize, eps: f64) -> Self {
+        let c = gamma.dims()[0];
         Self {
-            gamma,
-            beta,
+            gamma: gamma.reshape([1, c, 1, 1]),
+            beta: beta.reshape([1, c, 1, 1]),
             groups,
             eps,
         }
@@ -387,8 +484,7 @@ impl GroupNorm {
         let std = to_dtype((var + self.eps).sqrt(), dtype);
         let normed = (grouped - to_dtype(mean, dtype)) / std;
         let normed = normed.reshape([b, c, h, wd]);
-        normed * to_dtype(self.gamma.clone(), dtype).reshape([1, c, 1, 1])
-            + to_dtype(self.beta.clone(), dtype).reshape([1, c, 1, 1])
+        normed * to_dtype(self.gamma.clone(), dtype) + to_dtype(self.beta.clone(), dtype)
     }
 
     /// `gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in closed form:
@@ -407,10 +503,10 @@ impl GroupNorm {
         let (var, mean) = group_statistics(grouped.clone());
         let rstd = to_dtype((var + self.eps).sqrt().recip(), dtype);
         let x_hat = (grouped - to_dtype(mean, dtype)) * rstd.clone();
-        let gamma = to_dtype(self.gamma.clone(), dtype).reshape([1, c, 1, 1]);
+        let gamma = to_dtype(self.gamma.clone(), dtype);
         let g = to_dtype(g, dtype);
         let g_y = if then_silu {
-            let beta = to_dtype(self.beta.clone(), dtype).reshape([1, c, 1, 1]);
+            let beta = to_dtype(self.beta.clone(), dtype);
             let y = x_hat.clone().reshape([b, c, h, wd]) * gamma.clone() + beta;
             let s = activation::sigmoid(y.clone());
             // SiLU'(y) = σ(y) (1 + y (1 − σ(y))).
@@ -449,11 +545,12 @@ fn group_statistics(grouped: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
     (Tensor::cat(vars, 1), Tensor::cat(means, 1))
 }
 
-/// LayerNorm over the last axis.
+/// LayerNorm over the last axis of `[B, N, C]` tokens. The scale and shift are kept `[1, 1, C]`
+/// in f32, shaped once (as for [`GroupNorm`]).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
+    gamma: Tensor<3>,
+    beta: Tensor<3>,
     eps: f64,
 }
 
@@ -470,36 +567,33 @@ impl LayerNorm {
     /// (see [`forward`](Self::forward)).
     pub fn new(gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Self {
         Self {
-            gamma: to_dtype(gamma, DType::F32),
-            beta: to_dtype(beta, DType::F32),
+            gamma: to_dtype(gamma, DType::F32).unsqueeze(),
+            beta: to_dtype(beta, DType::F32).unsqueeze(),
             eps,
         }
     }
 
-    /// Computed in f32 whatever `x`'s dtype, then cast back: burn's layer norm squares the
-    /// centred input in the input's dtype, and in f16 a value 256 from its row's mean already
-    /// squares past f16's largest value.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// Computed in f32 whatever `x`'s dtype, then cast back: in f16 a value 256 from its row's
+    /// mean already squares past f16's largest value. Written out rather than burn's
+    /// `layer_norm`, which reshapes its scale and shift on every call (see [`Linear`]).
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
-        let y = layer_norm(
-            to_dtype(x, DType::F32),
-            self.gamma.clone(),
-            Some(self.beta.clone()),
-            self.eps,
-        );
+        let x = to_dtype(x, DType::F32);
+        let (var, mean) = x.clone().var_mean_bias(2);
+        let y = (x - mean) / (var + self.eps).sqrt() * self.gamma.clone() + self.beta.clone();
         to_dtype(y, dtype)
     }
 
     /// `gᵀ ∂norm/∂x` at `x` in closed form, as [`GroupNorm::pull_back`] (one group per
     /// token), in f32 like the forward; `g` may have more rows than `x`.
-    pub fn pull_back<const D: usize>(&self, x: &Tensor<D>, g: Tensor<D>) -> Tensor<D> {
+    pub fn pull_back(&self, x: &Tensor<3>, g: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
-        let last = D - 1;
+        let last = 2;
         let x = to_dtype(broadcast_rows(x, g.dims()[0]), DType::F32);
         let (var, mean) = x.clone().var_mean_bias(last);
         let rstd = (var + self.eps).sqrt().recip();
         let x_hat = (x - mean) * rstd.clone();
-        let g_hat = to_dtype(g, DType::F32) * self.gamma.clone().unsqueeze::<D>();
+        let g_hat = to_dtype(g, DType::F32) * self.gamma.clone();
         let m1 = g_hat.clone().mean_dim(last);
         let m2 = (g_hat.clone() * x_hat.clone()).mean_dim(last);
         to_dtype((g_hat - m1 - x_hat * m2) * rstd, dtype)
@@ -565,7 +659,8 @@ mod tests {
             let w = weight.permute([0, 2, 3, 1]).reshape([1, 4, k * k * 5]);
             // Whole, then one output row per band (the band boundaries must not show).
             for band_bytes in [usize::MAX, 1] {
-                let gemm = gemm_in_bands(x.clone(), &w, Some(&bias), k, p, band_bytes);
+                let bias = bias.clone().reshape([1, 4, 1]);
+                let gemm = gemm_in_bands(x.clone(), &w, Some(&bias), None, k, p, band_bytes);
                 assert_eq!(gemm.dims(), direct.dims());
                 // f32 sums of 45 products of values under 1 in two orders: far under 1e-5.
                 let diff = max_abs(gemm - direct.clone());
@@ -588,9 +683,9 @@ mod tests {
             let direct = Conv2d {
                 kernel: Kernel::Direct {
                     weight: weight.clone(),
+                    bias: Some(bias.clone()),
                     options: ConvOptions::new([1, 1], [p, p], [1, 1], 1),
                 },
-                bias: Some(bias.clone()),
             };
             let leaf = x.clone().repeat_dim(0, 2).autodiff().require_grad();
             let grads = (direct.forward(leaf.clone()) * g.clone()).sum().backward();
@@ -601,10 +696,10 @@ mod tests {
                         .clone()
                         .permute([0, 2, 3, 1])
                         .reshape([1, 4, k * k * 5]),
+                    bias: Some(bias.clone().reshape([1, 4, 1])),
                     kernel: k,
                     padding: p,
                 },
-                bias: Some(bias.clone()),
             };
             for (name, conv) in [("direct", direct), ("gemm", gemm)] {
                 assert!(conv.has_pull_back());
@@ -618,9 +713,9 @@ mod tests {
         let strided = Conv2d {
             kernel: Kernel::Direct {
                 weight: wave([4, 5, 3, 3], 1.1, &device),
+                bias: None,
                 options: ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
             },
-            bias: None,
         };
         assert!(!strided.has_pull_back());
         assert!(
@@ -633,10 +728,7 @@ mod tests {
     #[test]
     fn linear_pull_back_equals_autodiff() {
         let device = Device::flex();
-        let lin = Linear {
-            weight: wave([5, 3], 0.7, &device),
-            bias: Some(wave([3], 1.9, &device)),
-        };
+        let lin = Linear::new(wave([5, 3], 0.7, &device), Some(wave([3], 1.9, &device)));
         let x = wave([2, 4, 5], 0.2, &device).autodiff().require_grad();
         let g = wave([2, 4, 3], 2.4, &device);
         let grads = (lin.forward(x.clone()) * g.clone()).sum().backward();
@@ -685,7 +777,7 @@ mod tests {
             let leaf = x.clone().autodiff().require_grad();
             let y = if gemm {
                 let w = weight.clone().permute([0, 2, 3, 1]).reshape([1, 4, 45]);
-                gemm_in_bands(leaf.clone(), &w, None, 3, 1, 1)
+                gemm_in_bands(leaf.clone(), &w, None, None, 3, 1, 1)
             } else {
                 conv2d(
                     leaf.clone(),

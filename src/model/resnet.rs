@@ -12,7 +12,11 @@ use crate::weights::Loader;
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
+    /// Loaded with the block; the UNet then takes every block's into one layer
+    /// ([`take_time_projection`](Self::take_time_projection)).
     time_emb_proj: Option<Linear>,
+    /// Where this block's time projection sits in the UNet's combined one.
+    time_slot: Option<TimeSlot>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -57,20 +61,35 @@ impl ResnetBlock {
             } else {
                 None
             },
+            time_slot: None,
             output_scale: s.output_scale,
         })
     }
 
-    /// The first half: `conv1(SiLU(norm1(x)))` plus the time projection.
-    fn first_half(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x)));
-        match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(silu(temb.clone()));
-                let [b, c] = t.dims();
-                h + t.reshape([b, c, 1, 1])
-            }
-            _ => h,
+    /// Hands this block's time projection to the UNet, which computes every block's at once
+    /// (one matrix product per pass instead of 22); the block then reads columns
+    /// `start..start + len` of [`TimeProjections`] as its own.
+    pub fn take_time_projection(&mut self, start: usize) -> Option<Linear> {
+        let proj = self.time_emb_proj.take()?;
+        self.time_slot = Some(TimeSlot {
+            start,
+            len: proj.out_features(),
+        });
+        Some(proj)
+    }
+
+    /// The first half: `conv1(SiLU(norm1(x)))` plus the time projection, added in the
+    /// convolution's kernel.
+    fn first_half(&self, x: Tensor<4>, times: Option<&TimeProjections>) -> Tensor<4> {
+        // A view: no copy, and no reshape between the product and the sum.
+        let time = match (self.time_slot, times) {
+            (Some(slot), Some(times)) => Some(times.0.clone().narrow(1, slot.start, slot.len)),
+            _ => None,
+        };
+        let x = silu(self.norm1.forward(x));
+        match time {
+            Some(t) => self.conv1.forward_plus(x, t),
+            None => self.conv1.forward(x),
         }
     }
 
@@ -89,8 +108,8 @@ impl ResnetBlock {
         }
     }
 
-    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let h = self.first_half(x.clone(), temb);
+    pub fn forward(&self, x: Tensor<4>, times: Option<&TimeProjections>) -> Tensor<4> {
+        let h = self.first_half(x.clone(), times);
         self.second_half(x, h)
     }
 
@@ -106,8 +125,8 @@ impl ResnetBlock {
 
     /// The forward (without autodiff), keeping the two tensors [`pull_back`](Self::pull_back)
     /// needs: the input and the first half's output, each the size of one activation.
-    pub fn trace(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> (Tensor<4>, ResnetTrace) {
-        let h = self.first_half(x.clone(), temb);
+    pub fn trace(&self, x: Tensor<4>, times: Option<&TimeProjections>) -> (Tensor<4>, ResnetTrace) {
+        let h = self.first_half(x.clone(), times);
         let out = self.second_half(x.clone(), h.clone());
         (out, ResnetTrace { x, h })
     }
@@ -134,6 +153,17 @@ impl ResnetBlock {
         Some(g_skip + g_x)
     }
 }
+
+#[derive(Debug, Clone, Copy)]
+struct TimeSlot {
+    start: usize,
+    len: usize,
+}
+
+/// Every resnet's projection of a pass's time embedding, `[B, Σ c_out, 1]` side by side (see
+/// [`ResnetBlock::take_time_projection`]).
+#[derive(Debug, Clone)]
+pub struct TimeProjections(pub Tensor<3>);
 
 /// What [`ResnetBlock::pull_back`] needs of a forward.
 pub struct ResnetTrace {

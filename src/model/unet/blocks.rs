@@ -87,6 +87,10 @@ impl DownBlock {
         })
     }
 
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock> {
+        self.resnets.iter_mut()
+    }
+
     /// Resnet (and transformer) per layer, each output kept as a skip state; then the
     /// downsampler, its output kept too.
     pub fn steps<'a>(&'a self, steps: &mut Vec<Step<'a>>) {
@@ -126,6 +130,10 @@ impl MidBlock {
             )?,
             resnet1: ResnetBlock::load(w, "mid_block.resnets.1", resnet_spec(c, ch, ch, scale))?,
         })
+    }
+
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock> {
+        [&mut self.resnet0, &mut self.resnet1].into_iter()
     }
 
     pub fn steps<'a>(&'a self, steps: &mut Vec<Step<'a>>) {
@@ -186,6 +194,10 @@ impl UpBlock {
             attentions,
             upsampler,
         })
+    }
+
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock> {
+        self.resnets.iter_mut()
     }
 
     /// Per layer a resnet over the input joined with the last skip state (and a transformer,

@@ -16,6 +16,7 @@ pub use self::steps::{FeatureCheckpoints, Keep};
 use super::attention::AttentionPlan;
 use super::config::UnetConfig;
 use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype};
+use super::resnet::TimeProjections;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -26,6 +27,8 @@ pub struct Unet {
     dtype: DType,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// Every resnet's time projection as one layer (see [`ResnetBlock::take_time_projection`]).
+    time_projections: Linear,
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
@@ -51,9 +54,23 @@ impl Unet {
             Some(_) => Some(MidBlock::load(w, config)?),
             None => None,
         };
-        let up = (0..config.block_out_channels.len())
+        let mut up = (0..config.block_out_channels.len())
             .map(|i| UpBlock::load(w, config, i))
             .collect::<Result<Vec<_>>>()?;
+        let mut down = down;
+        let mut mid = mid;
+        let mut projections = Vec::new();
+        let mut start = 0;
+        let resnets = (down.iter_mut().flat_map(DownBlock::resnets_mut))
+            .chain(mid.iter_mut().flat_map(MidBlock::resnets_mut))
+            .chain(up.iter_mut().flat_map(UpBlock::resnets_mut));
+        for resnet in resnets {
+            if let Some(proj) = resnet.take_time_projection(start) {
+                start += proj.out_features();
+                projections.push(proj);
+            }
+        }
+        let time_projections = Linear::concat(projections);
         let norm_out = GroupNorm::load(
             w,
             "conv_norm_out",
@@ -67,6 +84,7 @@ impl Unet {
             dtype: w.dtype(),
             time_linear_1,
             time_linear_2,
+            time_projections,
             conv_in,
             down,
             mid,
@@ -105,11 +123,16 @@ impl Unet {
         Tensor::from_data(TensorData::new(values, [batch, dim]), (device, self.dtype))
     }
 
-    /// The time embedding `[batch, C]` of `timestep` (it does not depend on the latent).
-    fn time_embedding(&self, timestep: f32, batch: usize, device: &Device) -> Tensor<2> {
+    /// Every resnet's projection of the time embedding of `timestep` (it does not depend on
+    /// the latent), computed at once.
+    fn time_embedding(&self, timestep: f32, batch: usize, device: &Device) -> TimeProjections {
         let t = self.timestep_features(timestep, batch, device);
-        self.time_linear_2
-            .forward(silu(self.time_linear_1.forward(t)))
+        let embedding = self
+            .time_linear_2
+            .forward_rows(silu(self.time_linear_1.forward_rows(t)));
+        let projected = self.time_projections.forward_rows(silu(embedding));
+        let width = projected.dims()[1];
+        TimeProjections(projected.reshape([batch, width, 1]))
     }
 
     /// Runs the UNet up to and including up block `last_up` and returns each up block's output
@@ -127,9 +150,9 @@ impl Unet {
         hook.begin_pass();
         let latent = to_dtype(latent, self.dtype);
         let context = &to_dtype(context.clone(), self.dtype);
-        let temb = self.time_embedding(timestep, latent.dims()[0], &latent.device());
+        let times = self.time_embedding(timestep, latent.dims()[0], &latent.device());
         let env = Env {
-            temb: &temb,
+            times: &times,
             context,
             plan: &self.attention,
         };

@@ -10,7 +10,7 @@ use super::{KvHook, NoHook, Unet};
 use crate::model::attention::AttentionPlan;
 use crate::model::nn::{Conv2d, to_dtype, upsample_nearest};
 use crate::model::pullback::{Kept, pullback, pullback_wide, pullback2, widen};
-use crate::model::resnet::{ResnetBlock, ResnetTrace};
+use crate::model::resnet::{ResnetBlock, ResnetTrace, TimeProjections};
 
 /// One step of the UNet forward.
 pub enum Step<'a> {
@@ -31,7 +31,7 @@ pub enum Step<'a> {
 
 /// What every step sees: the time embedding, the text context, the attention plan.
 pub(super) struct Env<'a> {
-    pub temb: &'a Tensor<2>,
+    pub times: &'a TimeProjections,
     pub context: &'a Tensor<3>,
     pub plan: &'a AttentionPlan,
 }
@@ -98,8 +98,8 @@ impl Step<'_> {
     ) -> Tensor<4> {
         match self {
             Step::Conv(conv) => conv.forward(x),
-            Step::Resnet(resnet) => resnet.forward(x, Some(env.temb)),
-            Step::SkipResnet(resnet) => resnet.forward(join(x, skip), Some(env.temb)),
+            Step::Resnet(resnet) => resnet.forward(x, Some(env.times)),
+            Step::SkipResnet(resnet) => resnet.forward(join(x, skip), Some(env.times)),
             Step::Transformer(t, decoder) => t.forward(x, env.context, env.plan, hook, *decoder),
             Step::Upsample(conv) => conv.forward(upsample_nearest(x, size)),
             Step::Save | Step::Output => x,
@@ -118,7 +118,7 @@ impl Step<'_> {
         match self {
             Step::Resnet(resnet) | Step::SkipResnet(resnet) if resnet.has_pull_back() => {
                 let split = skip.as_ref().map(|_| x.dims()[1]);
-                let (out, trace) = resnet.trace(join(x, skip), Some(env.temb));
+                let (out, trace) = resnet.trace(join(x, skip), Some(env.times));
                 (out, Saved::LeanResnet { trace, split })
             }
             Step::Transformer(t, _) if t.has_pull_back() => {
@@ -229,7 +229,7 @@ pub struct FeatureCheckpoints {
     saved: Vec<Saved>,
     features: Vec<Tensor<4>>,
     last_up: usize,
-    temb: Tensor<2>,
+    times: TimeProjections,
     context: Tensor<3>,
 }
 
@@ -277,9 +277,9 @@ impl Unet {
         let last_up = last_up.min(self.up.len() - 1);
         let latent = to_dtype(latent.without_autodiff(), self.dtype);
         let context = to_dtype(context.clone().without_autodiff(), self.dtype);
-        let temb = self.time_embedding(timestep, latent.dims()[0], &latent.device());
+        let times = self.time_embedding(timestep, latent.dims()[0], &latent.device());
         let env = Env {
-            temb: &temb,
+            times: &times,
             context: &context,
             plan: &self.attention,
         };
@@ -293,7 +293,7 @@ impl Unet {
                 .map(|x| to_dtype(x, DType::F32))
                 .collect(),
             last_up,
-            temb,
+            times,
             context,
         }
     }
@@ -313,12 +313,12 @@ impl Unet {
         let FeatureCheckpoints {
             mut saved,
             last_up,
-            temb,
+            times,
             context,
             ..
         } = checkpoints;
         let env = Env {
-            temb: &temb,
+            times: &times,
             context: &context,
             plan: &self.attention,
         };

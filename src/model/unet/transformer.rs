@@ -421,6 +421,20 @@ impl Transformer2D {
         }
     }
 
+    /// [`exit`](Self::exit) plus the residual `x`: with a convolution the sum runs in its
+    /// kernel (the residual is flattened before the product is issued, so no reshape splits
+    /// them).
+    fn exit_plus(&self, tokens: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        match &self.proj_out {
+            Projection::Conv(conv) => {
+                let residual = x.reshape([b, c, h * w]);
+                conv.forward_plus(tokens.swap_dims(1, 2).reshape([b, c, h, w]), residual)
+            }
+            Projection::Linear(_) => self.exit(tokens, [b, c, h, w]) + x,
+        }
+    }
+
     /// `decoder` names this transformer when it sits in the UNet decoder, so the KV hook sees it.
     pub fn forward(
         &self,
@@ -430,7 +444,6 @@ impl Transformer2D {
         hook: &mut dyn KvHook,
         decoder: Option<(usize, usize)>,
     ) -> Tensor<4> {
-        let dims = x.dims();
         let mut tokens = self.enter(x.clone());
         for (layer, block) in self.blocks.iter().enumerate() {
             let hook_here = decoder.map(|(block, attention)| {
@@ -445,7 +458,7 @@ impl Transformer2D {
             });
             tokens = block.forward(tokens, context, plan, hook_here);
         }
-        self.exit(tokens, dims) + x
+        self.exit_plus(tokens, x)
     }
 
     /// The forward at `x` (no hook: the guidance never replaces K/V), with what
@@ -508,7 +521,6 @@ impl Transformer2D {
         context: &Tensor<3>,
         plan: &AttentionPlan,
     ) -> (Tensor<4>, LeanTransformerTrace) {
-        let dims = x.dims();
         let mut tokens = self.enter(x.clone());
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
@@ -516,7 +528,7 @@ impl Transformer2D {
             tokens = out;
             blocks.push(trace);
         }
-        let out = self.exit(tokens, dims) + x.clone();
+        let out = self.exit_plus(tokens, x.clone());
         (out, LeanTransformerTrace { x, blocks })
     }
 
