@@ -434,6 +434,55 @@ impl Linear {
     }
 }
 
+/// Linear layers of one input, computed by one batched product: weights `[n, in, out]`, biases
+/// `[n, 1, out]`. Each output is a contiguous slice of the product's; side by side along the
+/// features instead, each would be a strided view that burn's attention copies before use.
+#[derive(Debug, Clone)]
+pub struct StackedLinear {
+    weight: Tensor<3>,
+    bias: Option<Tensor<3>>,
+}
+
+impl StackedLinear {
+    /// The layers, all of the same widths, with a bias each or none.
+    pub fn stack(layers: Vec<Linear>) -> Self {
+        let (weights, biases): (Vec<_>, Vec<_>) =
+            layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
+        Self {
+            weight: Tensor::cat(weights, 0),
+            bias: biases
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(|b| Tensor::cat(b, 0)),
+        }
+    }
+
+    /// Every layer's output for `[B, N, in]` tokens, each `[B, N, out]`.
+    pub fn forward(&self, x: Tensor<3>) -> Vec<Tensor<3>> {
+        let [b, n, d_in] = x.dims();
+        let [layers, _, d_out] = self.weight.dims();
+        let dtype = x.dtype();
+        let y = x
+            .reshape([1, b * n, d_in])
+            .matmul(to_dtype(self.weight.clone(), dtype));
+        let y = match &self.bias {
+            Some(bias) => y + to_dtype(bias.clone(), dtype),
+            None => y,
+        };
+        (0..layers)
+            .map(|i| y.clone().narrow(0, i, 1).reshape([b, n, d_out]))
+            .collect()
+    }
+
+    /// Layer `i` alone: a view of its weight and bias.
+    pub fn layer(&self, i: usize) -> Linear {
+        Linear {
+            weight: self.weight.clone().narrow(0, i, 1),
+            bias: self.bias.clone().map(|b| b.narrow(0, i, 1)),
+        }
+    }
+}
+
 /// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance. The scale and shift are kept
 /// `[1, C, 1, 1]`, shaped once at load so that no reshape splits the norm's elementwise tail
 /// into kernels of their own (as for [`Linear`]).

@@ -6,33 +6,45 @@ use burn::tensor::{Tensor, activation::gelu};
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
-use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, to_dtype};
+use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
 use crate::model::pullback::Kept;
 use crate::weights::Loader;
 
-/// diffusers' `Attention` with separate q/k/v projections and `to_out.0`.
+/// diffusers' `Attention`: q/k/v projections and `to_out.0`. The projections that read the
+/// same input are computed by one product: all three in self-attention, keys and values in
+/// cross-attention. One launch where there were three or two, on a GPU that is bound by
+/// launching kernels.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
 }
 
 impl Attention {
+    /// Self-attention when `context_dim` is `None`, else attention over a context of that
+    /// width.
     pub fn load(
         w: &mut Loader,
         p: &str,
         dim: usize,
-        context_dim: usize,
+        context_dim: Option<usize>,
         heads: usize,
         qkv_bias: bool,
     ) -> Result<Self> {
+        let source = context_dim.unwrap_or(dim);
+        let to_q = Linear::load(w, &format!("{p}.to_q"), dim, dim, qkv_bias)?;
+        let to_k = Linear::load(w, &format!("{p}.to_k"), source, dim, qkv_bias)?;
+        let to_v = Linear::load(w, &format!("{p}.to_v"), source, dim, qkv_bias)?;
+        let projections = match context_dim {
+            None => Projections::SelfQkv(StackedLinear::stack(vec![to_q, to_k, to_v])),
+            Some(_) => Projections::CrossKv {
+                to_q,
+                to_kv: StackedLinear::stack(vec![to_k, to_v]),
+            },
+        };
         Ok(Self {
-            to_q: Linear::load(w, &format!("{p}.to_q"), dim, dim, qkv_bias)?,
-            to_k: Linear::load(w, &format!("{p}.to_k"), context_dim, dim, qkv_bias)?,
-            to_v: Linear::load(w, &format!("{p}.to_v"), context_dim, dim, qkv_bias)?,
+            projections,
             to_out: Linear::load(w, &format!("{p}.to_out.0"), dim, dim, true)?,
             heads,
         })
@@ -49,18 +61,46 @@ impl Attention {
         x.swap_dims(1, 2).reshape([b, n, h * d])
     }
 
-    /// Queries of `x`, keys and values of `context` (or of `x` itself), `[B, N, C]`.
+    /// Queries of `x`, keys and values of `context` (or of `x` itself), `[B, N, C]`: views of
+    /// the fused products' columns.
     fn project(
         &self,
         x: Tensor<3>,
         context: Option<&Tensor<3>>,
     ) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-        let source = context.cloned().unwrap_or_else(|| x.clone());
-        (
-            self.to_q.forward(x),
-            self.to_k.forward(source.clone()),
-            self.to_v.forward(source),
-        )
+        match (&self.projections, context) {
+            (Projections::SelfQkv(qkv), None) => {
+                let [q, k, v] = take(qkv.forward(x));
+                (q, k, v)
+            }
+            (Projections::CrossKv { to_q, to_kv }, Some(context)) => {
+                let [k, v] = take(to_kv.forward(context.clone()));
+                (to_q.forward(x), k, v)
+            }
+            _ => {
+                unreachable!("self-attention is called without a context, cross-attention with one")
+            }
+        }
+    }
+
+    /// `gᵀ ∂(q, k, v)/∂x` for self-attention's projections of `x`.
+    fn pull_back_self_projections(&self, [g_q, g_k, g_v]: [Tensor<3>; 3]) -> Tensor<3> {
+        match &self.projections {
+            Projections::SelfQkv(qkv) => {
+                qkv.layer(0).pull_back(g_q)
+                    + qkv.layer(1).pull_back(g_k)
+                    + qkv.layer(2).pull_back(g_v)
+            }
+            Projections::CrossKv { .. } => unreachable!("only self-attention pulls back its keys"),
+        }
+    }
+
+    /// `gᵀ ∂q/∂x`.
+    fn pull_back_queries(&self, g_q: Tensor<3>) -> Tensor<3> {
+        match &self.projections {
+            Projections::SelfQkv(qkv) => qkv.layer(0).pull_back(g_q),
+            Projections::CrossKv { to_q, .. } => to_q.pull_back(g_q),
+        }
     }
 
     /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
@@ -127,6 +167,22 @@ impl Attention {
     }
 }
 
+/// The outputs of a [`StackedLinear`] of `N` layers.
+fn take<const N: usize>(outputs: Vec<Tensor<3>>) -> [Tensor<3>; N] {
+    outputs
+        .try_into()
+        .unwrap_or_else(|v: Vec<_>| panic!("{N} stacked layers, got {}", v.len()))
+}
+
+/// An attention's input projections (see [`Attention`]).
+#[derive(Debug, Clone)]
+enum Projections {
+    /// Queries, keys and values.
+    SelfQkv(StackedLinear),
+    /// Queries of the tokens; keys and values of the context.
+    CrossKv { to_q: Linear, to_kv: StackedLinear },
+}
+
 /// `norm1 → attn1 (self) → norm2 → attn2 (text) → norm3 → GEGLU feed-forward`, each residual.
 #[derive(Debug, Clone)]
 pub struct TransformerBlock {
@@ -144,9 +200,16 @@ impl TransformerBlock {
         let inner = dim * 4;
         Ok(Self {
             norm1: LayerNorm::load(w, &format!("{p}.norm1"), dim, 1e-5)?,
-            attn1: Attention::load(w, &format!("{p}.attn1"), dim, dim, heads, false)?,
+            attn1: Attention::load(w, &format!("{p}.attn1"), dim, None, heads, false)?,
             norm2: LayerNorm::load(w, &format!("{p}.norm2"), dim, 1e-5)?,
-            attn2: Attention::load(w, &format!("{p}.attn2"), dim, context_dim, heads, false)?,
+            attn2: Attention::load(
+                w,
+                &format!("{p}.attn2"),
+                dim,
+                Some(context_dim),
+                heads,
+                false,
+            )?,
             norm3: LayerNorm::load(w, &format!("{p}.norm3"), dim, 1e-5)?,
             ff_in: Linear::load(w, &format!("{p}.ff.net.0.proj"), dim, inner * 2, true)?,
             ff_out: Linear::load(w, &format!("{p}.ff.net.2"), inner, dim, true)?,
@@ -271,14 +334,12 @@ impl TransformerBlock {
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
         let [g_q2, _, _] = self.attn2.core_pullback_rows(&t.qkv2, &t.o2, g_o2, plan);
-        let g_n2 = self.attn2.to_q.pull_back(g_q2);
+        let g_n2 = self.attn2.pull_back_queries(g_q2);
         let g_x1 = g_x2 + self.norm2.pull_back(&t.x1, g_n2);
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
-        let [g_q, g_k, g_v] = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
-        let g_n1 = self.attn1.to_q.pull_back(g_q)
-            + self.attn1.to_k.pull_back(g_k)
-            + self.attn1.to_v.pull_back(g_v);
+        let g_qkv = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
+        let g_n1 = self.attn1.pull_back_self_projections(g_qkv);
         g_x1 + self.norm1.pull_back(&t.x, g_n1)
     }
 }
