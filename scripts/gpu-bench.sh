@@ -69,7 +69,10 @@ step() { # name, seconds, command...
 # one-page-per-allocation pools, for the footprint an edit has in a tab), ours-f16-edit-flash
 # (the move edit with the flash gradient: its time and footprint against the default lean
 # gradient's, whose guidance held a third as much on the CPU), ours-f16-profile (the kernels
-# a UNet pass and a lean guidance evaluation launch, with their device time: what dominates).
+# a UNet pass and a lean guidance evaluation launch, with their device time: what dominates),
+# ours-f16-tasks (the UNet passes and the lean guidance with cubecl's wgpu submitting every
+# 32 (its default), 128 and 512 dispatches: whether the per-submit cost is part of the
+# launch cost on a real card; lavapipe's timings are too noisy to say).
 STEPS="${STEPS:-ours-f16 torch-fp16 ours-f32 torch-fp32}"
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # shellcheck disable=SC2086 # the argument strings are word lists on purpose
@@ -80,6 +83,9 @@ wanted() { [[ " $STEPS " == *" $1 "* ]]; }
   wanted ours-f16-browser-pools && step ours-f16-browser-pools 200 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --pools exclusive --only "batch 2,whole edit: move"
   wanted ours-f16-edit-flash && step ours-f16-edit-flash 200 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --gradients flash --only "batch 2,whole edit: move"
   wanted ours-f16-profile && step ours-f16-profile 150 "$BIN" bench --f16 --runs 1 --profile --skip-edits --only "batch 1,batch 2,lean"
+  for tasks in 32 128 512; do
+    wanted ours-f16-tasks && CUBECL_WGPU_MAX_TASKS=$tasks step "ours-f16-tasks-$tasks" 60 "$BIN" bench --f16 --runs 5 --skip-edits --only "batch 1,batch 2,lean"
+  done
   wanted ours-f16-tape && step ours-f16-tape 90 "$BIN" bench $PASS_ARGS --f16 --skip-edits --only "autodiff tape"
   wanted torch-fp16 && step torch-fp16 100 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp16 --json "$RES/torch-fp16.json"
   wanted ours-f32 && step ours-f32 100 "$BIN" bench $PASS_ARGS --skip-edits --only "op:,batch,VAE,lean,flash,inversion"

@@ -16,7 +16,10 @@ use crate::weights::Loader;
 /// launching kernels.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    projections: Projections,
+    /// Cross-attention's queries; `None` in self-attention, where `stacked` computes them.
+    to_q: Option<Linear>,
+    /// q, k, v (self-attention) or k, v (cross-attention).
+    stacked: StackedLinear,
     to_out: Linear,
     heads: usize,
 }
@@ -36,15 +39,13 @@ impl Attention {
         let to_q = Linear::load(w, &format!("{p}.to_q"), dim, dim, qkv_bias)?;
         let to_k = Linear::load(w, &format!("{p}.to_k"), source, dim, qkv_bias)?;
         let to_v = Linear::load(w, &format!("{p}.to_v"), source, dim, qkv_bias)?;
-        let projections = match context_dim {
-            None => Projections::SelfQkv(StackedLinear::stack(vec![to_q, to_k, to_v])),
-            Some(_) => Projections::CrossKv {
-                to_q,
-                to_kv: StackedLinear::stack(vec![to_k, to_v]),
-            },
+        let (to_q, stacked) = match context_dim {
+            None => (None, StackedLinear::stack(vec![to_q, to_k, to_v])),
+            Some(_) => (Some(to_q), StackedLinear::stack(vec![to_k, to_v])),
         };
         Ok(Self {
-            projections,
+            to_q,
+            stacked,
             to_out: Linear::load(w, &format!("{p}.to_out.0"), dim, dim, true)?,
             heads,
         })
@@ -61,45 +62,40 @@ impl Attention {
         x.swap_dims(1, 2).reshape([b, n, h * d])
     }
 
-    /// Queries of `x`, keys and values of `context` (or of `x` itself), `[B, N, C]`: views of
-    /// the fused products' columns.
+    /// Queries of `x`, keys and values of `context` (or of `x` itself), `[B, N, C]`: slices
+    /// of the stacked product.
     fn project(
         &self,
         x: Tensor<3>,
         context: Option<&Tensor<3>>,
     ) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-        match (&self.projections, context) {
-            (Projections::SelfQkv(qkv), None) => {
-                let [q, k, v] = take(qkv.forward(x));
+        match &self.to_q {
+            None => {
+                debug_assert!(context.is_none(), "self-attention reads no context");
+                let [q, k, v] = take(self.stacked.forward(x));
                 (q, k, v)
             }
-            (Projections::CrossKv { to_q, to_kv }, Some(context)) => {
-                let [k, v] = take(to_kv.forward(context.clone()));
+            Some(to_q) => {
+                let source = context.cloned().unwrap_or_else(|| x.clone());
+                let [k, v] = take(self.stacked.forward(source));
                 (to_q.forward(x), k, v)
-            }
-            _ => {
-                unreachable!("self-attention is called without a context, cross-attention with one")
             }
         }
     }
 
-    /// `gᵀ ∂(q, k, v)/∂x` for self-attention's projections of `x`.
+    /// `gᵀ ∂(q, k, v)/∂x` for projections of `x` alone (self-attention).
     fn pull_back_self_projections(&self, [g_q, g_k, g_v]: [Tensor<3>; 3]) -> Tensor<3> {
-        match &self.projections {
-            Projections::SelfQkv(qkv) => {
-                qkv.layer(0).pull_back(g_q)
-                    + qkv.layer(1).pull_back(g_k)
-                    + qkv.layer(2).pull_back(g_v)
-            }
-            Projections::CrossKv { .. } => unreachable!("only self-attention pulls back its keys"),
-        }
+        let kv = usize::from(self.to_q.is_none());
+        self.pull_back_queries(g_q)
+            + self.stacked.layer(kv).pull_back(g_k)
+            + self.stacked.layer(kv + 1).pull_back(g_v)
     }
 
     /// `gᵀ ∂q/∂x`.
     fn pull_back_queries(&self, g_q: Tensor<3>) -> Tensor<3> {
-        match &self.projections {
-            Projections::SelfQkv(qkv) => qkv.layer(0).pull_back(g_q),
-            Projections::CrossKv { to_q, .. } => to_q.pull_back(g_q),
+        match &self.to_q {
+            Some(to_q) => to_q.pull_back(g_q),
+            None => self.stacked.layer(0).pull_back(g_q),
         }
     }
 
@@ -172,15 +168,6 @@ fn take<const N: usize>(outputs: Vec<Tensor<3>>) -> [Tensor<3>; N] {
     outputs
         .try_into()
         .unwrap_or_else(|v: Vec<_>| panic!("{N} stacked layers, got {}", v.len()))
-}
-
-/// An attention's input projections (see [`Attention`]).
-#[derive(Debug, Clone)]
-enum Projections {
-    /// Queries, keys and values.
-    SelfQkv(StackedLinear),
-    /// Queries of the tokens; keys and values of the context.
-    CrossKv { to_q: Linear, to_kv: StackedLinear },
 }
 
 /// `norm1 → attn1 (self) → norm2 → attn2 (text) → norm3 → GEGLU feed-forward`, each residual.
