@@ -47,18 +47,16 @@ impl Unet {
         let time_linear_1 = Linear::load(w, "time_embedding.linear_1", c0, temb, true)?;
         let time_linear_2 = Linear::load(w, "time_embedding.linear_2", temb, temb, true)?;
         let conv_in = Conv2d::load(w, "conv_in", ConvSpec::k3(config.in_channels, c0))?;
-        let down = (0..config.block_out_channels.len())
+        let mut down = (0..config.block_out_channels.len())
             .map(|i| DownBlock::load(w, config, i))
             .collect::<Result<Vec<_>>>()?;
-        let mid = match config.mid_block_type {
+        let mut mid = match config.mid_block_type {
             Some(_) => Some(MidBlock::load(w, config)?),
             None => None,
         };
         let mut up = (0..config.block_out_channels.len())
             .map(|i| UpBlock::load(w, config, i))
             .collect::<Result<Vec<_>>>()?;
-        let mut down = down;
-        let mut mid = mid;
         let mut projections = Vec::new();
         let mut start = 0;
         let resnets = (down.iter_mut().flat_map(DownBlock::resnets_mut))
