@@ -395,16 +395,7 @@ impl Linear {
 
     /// The layers side by side, as one: their outputs concatenated (all with a bias or none).
     pub fn concat(layers: Vec<Linear>) -> Self {
-        let (weights, biases): (Vec<_>, Vec<_>) =
-            layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
-        let bias = biases
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .map(|b| Tensor::cat(b, 2));
-        Self {
-            weight: Tensor::cat(weights, 2),
-            bias,
-        }
+        cat_layers(layers, 2)
     }
 
     pub fn out_features(&self) -> usize {
@@ -412,6 +403,7 @@ impl Linear {
     }
 
     /// Computes in `x`'s dtype, as [`Conv2d::forward`] does.
+    /// `x` may be of any batch that broadcasts against the weight's ([`StackedLinear`]).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
         let y = x.matmul(to_dtype(self.weight.clone(), dtype));
@@ -437,38 +429,21 @@ impl Linear {
 /// Linear layers of one input, computed by one batched product: weights `[n, in, out]`, biases
 /// `[n, 1, out]`. Each output is a contiguous slice of the product's; side by side along the
 /// features instead, each would be a strided view that burn's attention copies before use.
+/// Held as one [`Linear`] whose weight and bias have one entry per layer along the first axis.
 #[derive(Debug, Clone)]
-pub struct StackedLinear {
-    weight: Tensor<3>,
-    bias: Option<Tensor<3>>,
-}
+pub struct StackedLinear(Linear);
 
 impl StackedLinear {
     /// The layers, all of the same widths, with a bias each or none.
     pub fn stack(layers: Vec<Linear>) -> Self {
-        let (weights, biases): (Vec<_>, Vec<_>) =
-            layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
-        Self {
-            weight: Tensor::cat(weights, 0),
-            bias: biases
-                .into_iter()
-                .collect::<Option<Vec<_>>>()
-                .map(|b| Tensor::cat(b, 0)),
-        }
+        Self(cat_layers(layers, 0))
     }
 
     /// Every layer's output for `[B, N, in]` tokens, each `[B, N, out]`.
     pub fn forward(&self, x: Tensor<3>) -> Vec<Tensor<3>> {
         let [b, n, d_in] = x.dims();
-        let [layers, _, d_out] = self.weight.dims();
-        let dtype = x.dtype();
-        let y = x
-            .reshape([1, b * n, d_in])
-            .matmul(to_dtype(self.weight.clone(), dtype));
-        let y = match &self.bias {
-            Some(bias) => y + to_dtype(bias.clone(), dtype),
-            None => y,
-        };
+        let [layers, _, d_out] = self.0.weight.dims();
+        let y = self.0.forward(x.reshape([1, b * n, d_in]));
         (0..layers)
             .map(|i| y.clone().narrow(0, i, 1).reshape([b, n, d_out]))
             .collect()
@@ -477,9 +452,23 @@ impl StackedLinear {
     /// Layer `i` alone: a view of its weight and bias.
     pub fn layer(&self, i: usize) -> Linear {
         Linear {
-            weight: self.weight.clone().narrow(0, i, 1),
-            bias: self.bias.clone().map(|b| b.narrow(0, i, 1)),
+            weight: self.0.weight.clone().narrow(0, i, 1),
+            bias: self.0.bias.clone().map(|b| b.narrow(0, i, 1)),
         }
+    }
+}
+
+/// The layers' weights and biases concatenated along `dim` (2: outputs side by side; 0:
+/// stacked); a bias only where every layer has one.
+fn cat_layers(layers: Vec<Linear>, dim: usize) -> Linear {
+    let (weights, biases): (Vec<_>, Vec<_>) =
+        layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
+    Linear {
+        weight: Tensor::cat(weights, dim),
+        bias: biases
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map(|b| Tensor::cat(b, dim)),
     }
 }
 
