@@ -13,3 +13,4 @@ pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod windows;

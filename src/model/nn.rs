@@ -4,11 +4,12 @@
 //! with respect to the latent only, so these never need burn's `Module` machinery.
 
 use burn::tensor::module::conv2d;
-use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::pullback::broadcast_rows;
+use super::windows::conv_windows;
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -132,27 +133,7 @@ fn gemm_in_bands(
             .step_by(band)
             .map(|r0| {
                 let rows = band.min(oh - r0);
-                // The input rows this band reads, padded here rather than the whole input
-                // first: a padded copy of a VAE activation at 512 px would pass WebGPU's
-                // 128 MiB binding size, which the activation itself just fits.
-                let (lo, hi) = (r0 as isize - padding as isize, r0 + rows + kernel - 1);
-                let top = (-lo).max(0) as usize;
-                let bottom = hi.saturating_sub(h + padding);
-                let (first, last) = (lo.max(0) as usize, (hi - padding).min(h));
-                let input = x.clone().slice([0..b, 0..c, first..last, 0..w]);
-                let input = if padding > 0 {
-                    input.pad([(top, bottom), (padding, padding)], PadMode::Constant(0.0))
-                } else {
-                    input
-                };
-                // Every k x k window as a strided view `[b, c, rows, ow, dy, dx]` of the padded
-                // input, laid out (dy, dx, c) like the weight by one copy: one kernel launch
-                // where nine shifted slices and their concatenation took ten.
-                let cols = input
-                    .unfold::<5, _>(2, kernel, 1)
-                    .unfold::<6, _>(3, kernel, 1)
-                    .permute([0, 4, 5, 1, 2, 3])
-                    .reshape([b, kernel * kernel * c, rows * ow]);
+                let cols = conv_windows(x.clone(), kernel, padding, r0, rows);
                 product(cols, r0, rows).reshape([b, out, rows, ow])
             })
             .collect();

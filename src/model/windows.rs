@@ -1,0 +1,244 @@
+//! The im2col step of a stride-1 convolution: every `k x k` window of an image, zero where it
+//! reaches past the image's edge, laid out `[b, (dy, dx, c), rows * ow]` for one matrix product
+//! with a `[1, out, (dy, dx, c)]` weight.
+//!
+//! On a GPU it is one kernel of our own (cubecl, compiled to WGSL in the browser like burn's
+//! kernels), which reads the image where it stands and writes the windows. Composed of burn's
+//! ops it took three launches and a padded copy of the image: a zero fill and a slice
+//! assignment for the padding, then the window copy; burn-fusion fuses none of them, since it
+//! plans every slice, pad and reshape as a segment of its own. The composition stays for burn's
+//! CPU backend and for tensors that autodiff tracks (the tape guidance), where it is
+//! differentiable as it is.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::ops::PadMode;
+use burn::tensor::{Shape, Slice, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::calculate_cube_count_elemwise;
+use burn_cubecl::cubecl::prelude::CubeDim;
+use burn_cubecl::kernel::untile;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+
+/// The windows of output rows `first_row..first_row + rows` of a stride-1 `kernel x kernel`
+/// convolution of `x` `[b, c, h, w]` with `padding` zeros on every side:
+/// `[b, kernel * kernel * c, rows * ow]`, ordered (dy, dx, c) along the second axis.
+pub fn conv_windows(
+    x: Tensor<4>,
+    kernel: usize,
+    padding: usize,
+    first_row: usize,
+    rows: usize,
+) -> Tensor<3> {
+    Tensor::from_dispatch(Dispatch::conv_windows(
+        x.into_dispatch(),
+        kernel,
+        padding,
+        first_row,
+        rows,
+    ))
+}
+
+fn windows_shape(
+    x: &Shape,
+    kernel: &usize,
+    padding: &usize,
+    _first_row: &usize,
+    rows: &usize,
+) -> Shape {
+    let ow = x[3] + 2 * padding + 1 - kernel;
+    Shape::new([x[0], kernel * kernel * x[1], rows * ow])
+}
+
+#[backend_extension(Cube, Fusion, Flex: cfg(not(target_family = "wasm")), Autodiff)]
+pub trait WindowOps: Backend {
+    /// See [`conv_windows`]. The default composes burn's ops; the GPU runs one kernel.
+    #[fusion(dtype = x, shape = windows_shape(x, kernel, padding, first_row, rows))]
+    fn conv_windows(
+        x: FloatTensor<Self>,
+        kernel: usize,
+        padding: usize,
+        first_row: usize,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let ow = w + 2 * padding + 1 - kernel;
+        // The input rows these output rows read, padded here rather than the whole input
+        // first: a padded copy of a VAE activation at 512 px would pass WebGPU's 128 MiB
+        // binding size, which the activation itself just fits.
+        let (lo, hi) = (
+            first_row as isize - padding as isize,
+            first_row + rows + kernel - 1,
+        );
+        let top = (-lo).max(0) as usize;
+        let bottom = hi.saturating_sub(h + padding);
+        let (first, last) = (lo.max(0) as usize, (hi - padding).min(h));
+        let x = Self::float_slice(
+            x,
+            &[
+                Slice::from(0..b),
+                Slice::from(0..c),
+                Slice::from(first..last),
+                Slice::from(0..w),
+            ],
+        );
+        let x = if padding > 0 {
+            Self::float_pad(
+                x,
+                &[(0, 0), (0, 0), (top, bottom), (padding, padding)],
+                PadMode::Constant(0.0),
+            )
+        } else {
+            x
+        };
+        // Every window as a strided view `[b, c, rows, ow, dy, dx]`, laid out (dy, dx, c)
+        // like the weight by one copy.
+        let x = Self::float_unfold(x, 2, kernel, 1);
+        let x = Self::float_unfold(x, 3, kernel, 1);
+        let x = Self::float_permute(x, &[0, 4, 5, 1, 2, 3]);
+        Self::float_reshape(x, Shape::new([b, kernel * kernel * c, rows * ow]))
+    }
+}
+
+#[cfg(not(target_family = "wasm"))]
+impl WindowOps for burn::backend::Flex {}
+
+impl<B: Backend + WindowOps, C: CheckpointStrategy> WindowOps for Autodiff<B, C> {}
+
+impl WindowOps for CubeBackend {
+    fn conv_windows(
+        x: FloatTensor<Self>,
+        kernel: usize,
+        padding: usize,
+        first_row: usize,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        let x = untile(x);
+        let shape = windows_shape(x.meta.shape(), &kernel, &padding, &first_row, &rows);
+        let ow = shape[2] / rows.max(1);
+        let output = empty_device_contiguous_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            shape.clone(),
+            x.dtype,
+        );
+        let units = shape.num_elements();
+        let cube_dim = CubeDim::new(&x.client, units);
+        let cube_count = calculate_cube_count_elemwise(&x.client, units, cube_dim);
+        let dtype = dtype_to_storage_type(x.dtype);
+        kernel::windows_kernel::launch(
+            &output.client,
+            cube_count,
+            cube_dim,
+            x.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            kernel,
+            padding,
+            first_row,
+            ow,
+            dtype,
+        );
+        output
+    }
+}
+
+mod kernel {
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    /// One thread per element of the windows: it finds the image element its window position
+    /// reads, or writes zero where that falls in the padding. Neighbouring threads read
+    /// neighbouring pixels of one row, so the reads coalesce as the writes do.
+    #[cube(launch)]
+    pub(super) fn windows_kernel<E: Numeric>(
+        input: &Tensor<E>,
+        output: &mut Tensor<E>,
+        kernel: usize,
+        padding: usize,
+        first_row: usize,
+        ow: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        if ABSOLUTE_POS >= output.len() {
+            terminate!();
+        }
+        let columns = output.shape(2);
+        let taps = output.shape(1);
+        let channels = input.shape(1);
+        let column = ABSOLUTE_POS % columns;
+        let rest = ABSOLUTE_POS / columns;
+        let tap = rest % taps;
+        let batch = rest / taps;
+        let channel = tap % channels;
+        let offset = tap / channels;
+        let (dy, dx) = (offset / kernel, offset % kernel);
+        // Row and column in the padded image; unsigned, so the padding is subtracted only after
+        // the comparison that says the position is inside the image.
+        let y = first_row + column / ow + dy;
+        let x = column % ow + dx;
+        let mut value = E::from_int(0);
+        if y >= padding
+            && x >= padding
+            && y < input.shape(2) + padding
+            && x < input.shape(3) + padding
+        {
+            value = input[batch * input.stride(0)
+                + channel * input.stride(1)
+                + (y - padding) * input.stride(2)
+                + (x - padding) * input.stride(3)];
+        }
+        output[ABSOLUTE_POS] = value;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Device};
+
+    fn wave(shape: [usize; 4], device: &Device) -> Tensor<4> {
+        let n: usize = shape.iter().product();
+        Tensor::<1, burn::tensor::Int>::arange(0..n as i64, device)
+            .float()
+            .mul_scalar(0.37)
+            .sin()
+            .reshape(shape)
+    }
+
+    /// The GPU kernel against the composition of burn's ops (what an autodiff-tracked tensor
+    /// takes) on the same device, in f32 and f16, at every kind of band the convolution cuts:
+    /// all rows, the first rows (top padding), middle rows and the last rows (bottom padding),
+    /// for the 3x3 forward (padding 1), its pull-back (padding 2), no padding and a 1x1. The
+    /// values are copied, not computed, so they must be equal, not close. The input is a
+    /// transposed view, so the kernel's strided reads are tested too.
+    #[test]
+    fn kernel_equals_composed_windows() {
+        let Ok(device) = crate::device::gpu(crate::device::GraphicsApi::Vulkan) else {
+            println!("SKIPPED: no Vulkan adapter");
+            return;
+        };
+        for dtype in [DType::F32, DType::F16] {
+            let x = wave([2, 3, 5, 7], &device).swap_dims(2, 3).cast(dtype);
+            for (kernel, padding) in [(3, 1), (3, 2), (3, 0), (1, 0)] {
+                let oh = 7 + 2 * padding + 1 - kernel;
+                for (first_row, rows) in [(0, oh), (0, 2), (2, 3), (oh - 2, 2)] {
+                    let ours = conv_windows(x.clone(), kernel, padding, first_row, rows);
+                    let composed = conv_windows(
+                        x.clone().autodiff().require_grad(),
+                        kernel,
+                        padding,
+                        first_row,
+                        rows,
+                    )
+                    .without_autodiff();
+                    assert_eq!(ours.dims(), composed.dims());
+                    assert_eq!(ours.dtype(), dtype);
+                    ours.into_data().assert_eq(&composed.into_data(), true);
+                }
+            }
+        }
+    }
+}
