@@ -166,14 +166,14 @@ mod kernel {
             terminate!();
         }
         let columns = output.shape(2);
-        let taps = output.shape(1);
+        let depth = output.shape(1);
         let channels = input.shape(1);
         let column = ABSOLUTE_POS % columns;
         let rest = ABSOLUTE_POS / columns;
-        let tap = rest % taps;
-        let batch = rest / taps;
-        let channel = tap % channels;
-        let offset = tap / channels;
+        let position = rest % depth;
+        let batch = rest / depth;
+        let channel = position % channels;
+        let offset = position / channels;
         let (dy, dx) = (offset / kernel, offset % kernel);
         // Row and column in the padded image; unsigned, so the padding is subtracted only after
         // the comparison that says the position is inside the image.
