@@ -296,6 +296,39 @@ impl Conv2d {
         self.forward_inner(x, Some(plus))
     }
 
+    /// [`forward_plus`](Self::forward_plus) of an image given flat, `[B, C, H·W]`, which may
+    /// be a transposed view of tokens: a 1x1 convolution computed as a matrix product reads
+    /// the view as it is, where reshaping it to an image first would copy it.
+    pub fn forward_flat_plus(
+        &self,
+        x: Tensor<3>,
+        [h, w]: [usize; 2],
+        plus: Tensor<3>,
+    ) -> Tensor<4> {
+        match &self.kernel {
+            Kernel::Gemm {
+                weight,
+                bias,
+                kernel: 1,
+                padding: 0,
+            } => {
+                let dtype = x.dtype();
+                let [b, _, _] = x.dims();
+                let y = to_dtype(weight.clone(), dtype).matmul(x);
+                let y = match bias {
+                    Some(bias) => y + to_dtype(bias.clone(), dtype),
+                    None => y,
+                };
+                let out = y.dims()[1];
+                (y + plus).reshape([b, out, h, w])
+            }
+            _ => {
+                let [b, c, _] = x.dims();
+                self.forward_plus(x.reshape([b, c, h, w]), plus)
+            }
+        }
+    }
+
     fn forward_inner(&self, x: Tensor<4>, plus: Option<Tensor<3>>) -> Tensor<4> {
         let dtype = x.dtype();
         match &self.kernel {

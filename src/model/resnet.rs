@@ -93,18 +93,21 @@ impl ResnetBlock {
         }
     }
 
-    /// The rest, from the block input `x` and the first half's `h`.
+    /// The rest, from the block input `x` and the first half's `h`. The skip is added in
+    /// `conv2`'s kernel, flattened before the product is issued (a reshape between the two
+    /// left the sum a kernel of its own).
     fn second_half(&self, x: Tensor<4>, h: Tensor<4>) -> Tensor<4> {
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
         };
-        let out = skip + h;
+        let h = silu(self.norm2.forward(h));
         if self.output_scale == 1.0 {
-            out
+            let [b, c, height, width] = skip.dims();
+            self.conv2
+                .forward_plus(h, skip.reshape([b, c, height * width]))
         } else {
-            out / self.output_scale
+            (skip + self.conv2.forward(h)) / self.output_scale
         }
     }
 

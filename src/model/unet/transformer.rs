@@ -477,7 +477,7 @@ impl Transformer2D {
         match &self.proj_out {
             Projection::Conv(conv) => {
                 let residual = x.reshape([b, c, h * w]);
-                conv.forward_plus(tokens.swap_dims(1, 2).reshape([b, c, h, w]), residual)
+                conv.forward_flat_plus(tokens.swap_dims(1, 2), [h, w], residual)
             }
             Projection::Linear(_) => self.exit(tokens, [b, c, h, w]) + x,
         }
