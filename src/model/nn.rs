@@ -78,20 +78,19 @@ pub fn uses_gemm(device: &Device) -> bool {
 /// otherwise need 1.2 GB).
 const GEMM_BAND_BYTES: usize = 64 << 20;
 
-/// A stride-1 `k x k` convolution with `padding` zeros on every side, computed as
-/// `weight [1, out, k*k*in] x im2col(x) [b, k*k*in, h*w]`, in bands of output rows.
-pub fn conv2d_gemm(
-    x: Tensor<4>,
-    weight: &Tensor<3>,
-    bias: Option<&Tensor<3>>,
-    kernel: usize,
-    padding: usize,
-) -> Tensor<4> {
-    gemm_in_bands(x, weight, bias, None, kernel, padding, GEMM_BAND_BYTES)
+/// The windows' layout a product reads: the forward's, `(dy, dx, in)`, or the pull-back's
+/// (see [`conv_windows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Windows {
+    Forward,
+    Adjoint,
 }
 
-/// [`conv2d_gemm`] plus `plus`, `[B or 1, out, 1]` (one value per channel) or `[B, out, h*w]`
-/// (a whole image), added in the matrix product's kernel.
+/// A stride-1 `k x k` convolution with `padding` zeros on every side, computed as
+/// `weight [1, out, k*k*in] x im2col(x) [b, k*k*in, h*w]` in bands of output rows, plus `plus`,
+/// `[B or 1, out, 1]` (one value per channel) or `[B, out, h*w]` (a whole image), added in the
+/// matrix product's kernel. `windows` says how `weight`'s columns are ordered.
+#[allow(clippy::too_many_arguments)]
 fn gemm_in_bands(
     x: Tensor<4>,
     weight: &Tensor<3>,
@@ -99,6 +98,7 @@ fn gemm_in_bands(
     plus: Option<&Tensor<3>>,
     kernel: usize,
     padding: usize,
+    windows: Windows,
     band_bytes: usize,
 ) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
@@ -133,7 +133,8 @@ fn gemm_in_bands(
             .step_by(band)
             .map(|r0| {
                 let rows = band.min(oh - r0);
-                let cols = conv_windows(x.clone(), kernel, padding, r0, rows);
+                let adjoint = windows == Windows::Adjoint;
+                let cols = conv_windows(x.clone(), kernel, padding, r0, rows, adjoint);
                 product(cols, r0, rows).reshape([b, out, rows, ow])
             })
             .collect();
@@ -271,14 +272,23 @@ impl Conv2d {
                 let (k, p) = (*kernel, *padding);
                 let [_, out, cols] = weight.dims();
                 let c_in = cols / (k * k);
-                // [1, out, (dy, dx, in)] → [1, in, (k-1-dy, k-1-dx, out)].
-                let flipped = weight
+                // [1, out, (dy, dx, in)] seen as [1, (out, dy, dx), in], transposed: a view
+                // of the forward weight that the adjoint windows (flipped, (out, dy, dx)
+                // ordered) are multiplied by, where a flipped copy was made on every call.
+                let weight = weight
                     .clone()
-                    .reshape([out, k, k, c_in])
-                    .flip([1, 2])
-                    .permute([3, 1, 2, 0])
-                    .reshape([1, c_in, k * k * out]);
-                Some(conv2d_gemm(g, &flipped, None, k, k - 1 - p))
+                    .reshape([1, out * k * k, c_in])
+                    .swap_dims(1, 2);
+                Some(gemm_in_bands(
+                    g,
+                    &weight,
+                    None,
+                    None,
+                    k,
+                    k - 1 - p,
+                    Windows::Adjoint,
+                    GEMM_BAND_BYTES,
+                ))
             }
         }
     }
@@ -366,6 +376,7 @@ impl Conv2d {
                 plus.as_ref(),
                 *kernel,
                 *padding,
+                Windows::Forward,
                 GEMM_BAND_BYTES,
             ),
         }
@@ -712,7 +723,16 @@ mod tests {
             // Whole, then one output row per band (the band boundaries must not show).
             for band_bytes in [usize::MAX, 1] {
                 let bias = bias.clone().reshape([1, 4, 1]);
-                let gemm = gemm_in_bands(x.clone(), &w, Some(&bias), None, k, p, band_bytes);
+                let gemm = gemm_in_bands(
+                    x.clone(),
+                    &w,
+                    Some(&bias),
+                    None,
+                    k,
+                    p,
+                    Windows::Forward,
+                    band_bytes,
+                );
                 assert_eq!(gemm.dims(), direct.dims());
                 // f32 sums of 45 products of values under 1 in two orders: far under 1e-5.
                 let diff = max_abs(gemm - direct.clone());
@@ -829,7 +849,7 @@ mod tests {
             let leaf = x.clone().autodiff().require_grad();
             let y = if gemm {
                 let w = weight.clone().permute([0, 2, 3, 1]).reshape([1, 4, 45]);
-                gemm_in_bands(leaf.clone(), &w, None, None, 3, 1, 1)
+                gemm_in_bands(leaf.clone(), &w, None, None, 3, 1, Windows::Forward, 1)
             } else {
                 conv2d(
                     leaf.clone(),

@@ -1,6 +1,9 @@
 //! The im2col step of a stride-1 convolution: every `k x k` window of an image, zero where it
 //! reaches past the image's edge, laid out `[b, (dy, dx, c), rows * ow]` for one matrix product
-//! with a `[1, out, (dy, dx, c)]` weight.
+//! with a `[1, out, (dy, dx, c)]` weight; or, for the convolution's pull-back, laid out
+//! `[b, (c, dy, dx), rows * ow]` with the window flipped, so that the forward weight itself,
+//! seen as `[1, (c, dy, dx), in]` and transposed, is the pull-back's weight: no flipped copy
+//! of the weight is made per call.
 //!
 //! On a GPU it is one kernel of our own (cubecl, compiled to WGSL in the browser like burn's
 //! kernels), which reads the image where it stands and writes the windows. Composed of burn's
@@ -24,13 +27,16 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 /// The windows of output rows `first_row..first_row + rows` of a stride-1 `kernel x kernel`
 /// convolution of `x` `[b, c, h, w]` with `padding` zeros on every side:
-/// `[b, kernel * kernel * c, rows * ow]`, ordered (dy, dx, c) along the second axis.
+/// `[b, kernel * kernel * c, rows * ow]`, ordered (dy, dx, c) along the second axis. With
+/// `adjoint`, ordered (c, dy, dx) and each window flipped: entry (c, dy, dx) holds what
+/// (c, k-1-dy, k-1-dx) holds otherwise.
 pub fn conv_windows(
     x: Tensor<4>,
     kernel: usize,
     padding: usize,
     first_row: usize,
     rows: usize,
+    adjoint: bool,
 ) -> Tensor<3> {
     Tensor::from_dispatch(Dispatch::conv_windows(
         x.into_dispatch(),
@@ -38,6 +44,7 @@ pub fn conv_windows(
         padding,
         first_row,
         rows,
+        adjoint,
     ))
 }
 
@@ -47,6 +54,7 @@ fn windows_shape(
     padding: &usize,
     _first_row: &usize,
     rows: &usize,
+    _adjoint: &bool,
 ) -> Shape {
     let ow = x[3] + 2 * padding + 1 - kernel;
     Shape::new([x[0], kernel * kernel * x[1], rows * ow])
@@ -55,13 +63,14 @@ fn windows_shape(
 #[backend_extension(Cube, Fusion, Flex: cfg(not(target_family = "wasm")), Autodiff)]
 pub trait WindowOps: Backend {
     /// See [`conv_windows`]. The default composes burn's ops; the GPU runs one kernel.
-    #[fusion(dtype = x, shape = windows_shape(x, kernel, padding, first_row, rows))]
+    #[fusion(dtype = x, shape = windows_shape(x, kernel, padding, first_row, rows, adjoint))]
     fn conv_windows(
         x: FloatTensor<Self>,
         kernel: usize,
         padding: usize,
         first_row: usize,
         rows: usize,
+        adjoint: bool,
     ) -> FloatTensor<Self> {
         let shape = x.shape();
         let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
@@ -94,11 +103,15 @@ pub trait WindowOps: Backend {
         } else {
             x
         };
-        // Every window as a strided view `[b, c, rows, ow, dy, dx]`, laid out (dy, dx, c)
-        // like the weight by one copy.
+        // Every window as a strided view `[b, c, rows, ow, dy, dx]`, laid out like the
+        // weight by one copy.
         let x = Self::float_unfold(x, 2, kernel, 1);
         let x = Self::float_unfold(x, 3, kernel, 1);
-        let x = Self::float_permute(x, &[0, 4, 5, 1, 2, 3]);
+        let x = if adjoint {
+            Self::float_permute(Self::float_flip(x, &[4, 5]), &[0, 1, 4, 5, 2, 3])
+        } else {
+            Self::float_permute(x, &[0, 4, 5, 1, 2, 3])
+        };
         Self::float_reshape(x, Shape::new([b, kernel * kernel * c, rows * ow]))
     }
 }
@@ -115,9 +128,17 @@ impl WindowOps for CubeBackend {
         padding: usize,
         first_row: usize,
         rows: usize,
+        adjoint: bool,
     ) -> FloatTensor<Self> {
         let x = untile(x);
-        let shape = windows_shape(x.meta.shape(), &kernel, &padding, &first_row, &rows);
+        let shape = windows_shape(
+            x.meta.shape(),
+            &kernel,
+            &padding,
+            &first_row,
+            &rows,
+            &adjoint,
+        );
         let ow = shape[2] / rows.max(1);
         let output = empty_device_contiguous_dtype(
             x.client.clone(),
@@ -139,6 +160,7 @@ impl WindowOps for CubeBackend {
             padding,
             first_row,
             ow,
+            adjoint,
             dtype,
         );
         output
@@ -160,6 +182,7 @@ mod kernel {
         padding: usize,
         first_row: usize,
         ow: usize,
+        #[comptime] adjoint: bool,
         #[define(E)] _dtype: ElemType,
     ) {
         if ABSOLUTE_POS >= output.len() {
@@ -172,8 +195,13 @@ mod kernel {
         let rest = ABSOLUTE_POS / columns;
         let position = rest % depth;
         let batch = rest / depth;
-        let channel = position % channels;
-        let offset = position / channels;
+        let taps = kernel * kernel;
+        let mut channel = position % channels;
+        let mut offset = position / channels;
+        if adjoint {
+            channel = position / taps;
+            offset = taps - 1 - position % taps;
+        }
         let (dy, dx) = (offset / kernel, offset % kernel);
         // Row and column in the padded image; unsigned, so the padding is subtracted only after
         // the comparison that says the position is inside the image.
@@ -212,8 +240,8 @@ mod tests {
     /// takes) on the same device, in f32 and f16, at every kind of band the convolution cuts:
     /// all rows, the first rows (top padding), middle rows and the last rows (bottom padding),
     /// for the 3x3 forward (padding 1), its pull-back (padding 2), no padding and a 1x1. The
-    /// values are copied, not computed, so they must be equal, not close. The input is a
-    /// transposed view, so the kernel's strided reads are tested too.
+    /// values are copied, not computed, so they must be equal, not close. Both layouts; the
+    /// input is a transposed view, so the kernel's strided reads are tested too.
     #[test]
     fn kernel_equals_composed_windows() {
         let Ok(device) = crate::device::gpu(crate::device::GraphicsApi::Vulkan) else {
@@ -225,18 +253,16 @@ mod tests {
             for (kernel, padding) in [(3, 1), (3, 2), (3, 0), (1, 0)] {
                 let oh = 7 + 2 * padding + 1 - kernel;
                 for (first_row, rows) in [(0, oh), (0, 2), (2, 3), (oh - 2, 2)] {
-                    let ours = conv_windows(x.clone(), kernel, padding, first_row, rows);
-                    let composed = conv_windows(
-                        x.clone().autodiff().require_grad(),
-                        kernel,
-                        padding,
-                        first_row,
-                        rows,
-                    )
-                    .without_autodiff();
-                    assert_eq!(ours.dims(), composed.dims());
-                    assert_eq!(ours.dtype(), dtype);
-                    ours.into_data().assert_eq(&composed.into_data(), true);
+                    for adjoint in [false, true] {
+                        let at = |x: Tensor<4>| {
+                            conv_windows(x, kernel, padding, first_row, rows, adjoint)
+                        };
+                        let ours = at(x.clone());
+                        let composed = at(x.clone().autodiff().require_grad()).without_autodiff();
+                        assert_eq!(ours.dims(), composed.dims());
+                        assert_eq!(ours.dtype(), dtype);
+                        ours.into_data().assert_eq(&composed.into_data(), true);
+                    }
                 }
             }
         }
