@@ -37,6 +37,7 @@ enum Kernel {
         bias: Option<Tensor<3>>,
         kernel: usize,
         padding: usize,
+        stride: usize,
     },
 }
 
@@ -86,8 +87,8 @@ enum Windows {
     Adjoint,
 }
 
-/// A stride-1 `k x k` convolution with `padding` zeros on every side, computed as
-/// `weight [1, out, k*k*in] x im2col(x) [b, k*k*in, h*w]` in bands of output rows, plus `plus`,
+/// A `k x k` convolution with `padding` zeros on every side and the given `stride`, computed
+/// as `weight [1, out, k*k*in] x im2col(x) [b, k*k*in, oh*ow]` in bands of output rows, plus `plus`,
 /// `[B or 1, out, 1]` (one value per channel) or `[B, out, h*w]` (a whole image), added in the
 /// matrix product's kernel. `windows` says how `weight`'s columns are ordered.
 #[allow(clippy::too_many_arguments)]
@@ -96,14 +97,14 @@ fn gemm_in_bands(
     weight: &Tensor<3>,
     bias: Option<&Tensor<3>>,
     plus: Option<&Tensor<3>>,
-    kernel: usize,
-    padding: usize,
+    [kernel, padding, stride]: [usize; 3],
     windows: Windows,
     band_bytes: usize,
 ) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     let out = weight.dims()[1];
-    let (oh, ow) = (h + 2 * padding + 1 - kernel, w + 2 * padding + 1 - kernel);
+    let side = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+    let (oh, ow) = (side(h), side(w));
     // Added before the result is reshaped to an image, so that they fuse into the product
     // (burn-fusion ends a fused segment at a reshape).
     let product = |cols: Tensor<3>, r0: usize, rows: usize| {
@@ -124,7 +125,7 @@ fn gemm_in_bands(
             None => y,
         }
     };
-    if kernel == 1 {
+    if kernel == 1 && padding == 0 && stride == 1 {
         product(x.reshape([b, c, h * w]), 0, oh).reshape([b, out, oh, ow])
     } else {
         let row_bytes = b * kernel * kernel * c * ow * x.dtype().size();
@@ -134,7 +135,7 @@ fn gemm_in_bands(
             .map(|r0| {
                 let rows = band.min(oh - r0);
                 let adjoint = windows == Windows::Adjoint;
-                let cols = conv_windows(x.clone(), kernel, padding, r0, rows, adjoint);
+                let cols = conv_windows(x.clone(), kernel, padding, stride, r0, rows, adjoint);
                 product(cols, r0, rows).reshape([b, out, rows, ow])
             })
             .collect();
@@ -190,12 +191,12 @@ impl Conv2d {
     }
 
     /// A convolution of `weight` `[out, in, k, k]`, as im2col + matmul where `gemm` is asked
-    /// and the convolution allows it (stride 1, the same padding on both sides), else through
-    /// burn's `conv2d`.
+    /// and the convolution allows it (the same padding on both sides), else through burn's
+    /// `conv2d`.
     pub fn new(weight: Tensor<4>, bias: Option<Tensor<1>>, spec: ConvSpec, gemm: bool) -> Self {
         let k = spec.kernel;
         let (p0, p1) = spec.padding;
-        let kernel = if gemm && spec.stride == 1 && p0 == p1 {
+        let kernel = if gemm && p0 == p1 {
             Kernel::Gemm {
                 weight: weight
                     .permute([0, 2, 3, 1])
@@ -203,6 +204,7 @@ impl Conv2d {
                 bias: bias.map(|b| b.reshape([1, spec.c_out, 1])),
                 kernel: k,
                 padding: p0,
+                stride: spec.stride,
             }
         } else {
             Kernel::Direct {
@@ -235,8 +237,11 @@ impl Conv2d {
                     && p < k
             }
             Kernel::Gemm {
-                kernel, padding, ..
-            } => padding < kernel,
+                kernel,
+                padding,
+                stride,
+                ..
+            } => *stride == 1 && padding < kernel,
         }
     }
 
@@ -284,8 +289,7 @@ impl Conv2d {
                     &weight,
                     None,
                     None,
-                    k,
-                    k - 1 - p,
+                    [k, k - 1 - p, 1],
                     Windows::Adjoint,
                     GEMM_BAND_BYTES,
                 ))
@@ -321,6 +325,7 @@ impl Conv2d {
                 bias,
                 kernel: 1,
                 padding: 0,
+                stride: 1,
             } => {
                 let dtype = x.dtype();
                 let [b, _, _] = x.dims();
@@ -353,33 +358,64 @@ impl Conv2d {
                     bias.clone().map(|b| to_dtype(b, dtype)),
                     options.clone(),
                 );
-                match plus {
-                    Some(p) => {
-                        let [_, out, h, w] = y.dims();
-                        let [pb, _, n] = p.dims();
-                        let (ph, pw) = if n == 1 { (1, 1) } else { (h, w) };
-                        debug_assert!(n == 1 || n == h * w, "plus {n} against {h}x{w}");
-                        y + p.reshape([pb, out, ph, pw])
-                    }
-                    None => y,
-                }
+                add_image(y, plus)
+            }
+            // Under autodiff (the guidance's pull-back through a downsampler, which has no
+            // hand-written one) a strided convolution goes through burn's conv2d, as before
+            // it was computed as a product: autodiff of the windows' composition launched 42
+            // kernels more per lean evaluation than burn's transposed convolution.
+            Kernel::Gemm {
+                weight,
+                bias,
+                kernel,
+                padding,
+                stride,
+            } if *stride != 1 && x.is_autodiff() => {
+                let [_, out, cols] = weight.dims();
+                let (k, c_in) = (*kernel, cols / (kernel * kernel));
+                let weight = weight
+                    .clone()
+                    .reshape([out, k, k, c_in])
+                    .permute([0, 3, 1, 2]);
+                let y = conv2d(
+                    x,
+                    to_dtype(weight, dtype),
+                    bias.clone().map(|b| to_dtype(b.reshape([out]), dtype)),
+                    ConvOptions::new([*stride; 2], [*padding; 2], [1, 1], 1),
+                );
+                add_image(y, plus)
             }
             Kernel::Gemm {
                 weight,
                 bias,
                 kernel,
                 padding,
+                stride,
             } => gemm_in_bands(
                 x,
                 &to_dtype(weight.clone(), dtype),
                 bias.clone().map(|b| to_dtype(b, dtype)).as_ref(),
                 plus.as_ref(),
-                *kernel,
-                *padding,
+                [*kernel, *padding, *stride],
                 Windows::Forward,
                 GEMM_BAND_BYTES,
             ),
         }
+    }
+}
+
+/// `y + plus`, with `plus` `[B or 1, out, 1]` or `[B, out, h*w]` as in
+/// [`Conv2d::forward_plus`].
+fn add_image(y: Tensor<4>, plus: Option<Tensor<3>>) -> Tensor<4> {
+    match plus {
+        Some(p) => {
+            let [_, out, h, w] = y.dims();
+            let [pb, _, n] = p.dims();
+            let (ph, pw) = if n == 1 { (1, 1) } else { (h, w) };
+            debug_assert!(n == 1 || n == h * w, "plus {n} against {h}x{w}");
+            y + p.reshape([pb, out, ph, pw])
+        }
+        None => y,
     }
 }
 
@@ -711,13 +747,13 @@ mod tests {
         let device = Device::flex();
         let x = wave([2, 5, 7, 6], 0.3, &device);
         let bias = wave([4], 2.0, &device);
-        for (k, p) in [(3, 1), (1, 0), (3, 0)] {
+        for (k, p, s) in [(3, 1, 1), (1, 0, 1), (3, 0, 1), (3, 1, 2)] {
             let weight = wave([4, 5, k, k], 1.1, &device);
             let direct = conv2d(
                 x.clone(),
                 weight.clone(),
                 Some(bias.clone()),
-                ConvOptions::new([1, 1], [p, p], [1, 1], 1),
+                ConvOptions::new([s, s], [p, p], [1, 1], 1),
             );
             let w = weight.permute([0, 2, 3, 1]).reshape([1, 4, k * k * 5]);
             // Whole, then one output row per band (the band boundaries must not show).
@@ -728,15 +764,14 @@ mod tests {
                     &w,
                     Some(&bias),
                     None,
-                    k,
-                    p,
+                    [k, p, s],
                     Windows::Forward,
                     band_bytes,
                 );
                 assert_eq!(gemm.dims(), direct.dims());
                 // f32 sums of 45 products of values under 1 in two orders: far under 1e-5.
                 let diff = max_abs(gemm - direct.clone());
-                assert!(diff < 1e-5, "k={k} p={p} band={band_bytes}: {diff}");
+                assert!(diff < 1e-5, "k={k} p={p} s={s} band={band_bytes}: {diff}");
             }
         }
     }
@@ -771,6 +806,7 @@ mod tests {
                     bias: Some(bias.clone().reshape([1, 4, 1])),
                     kernel: k,
                     padding: p,
+                    stride: 1,
                 },
             };
             for (name, conv) in [("direct", direct), ("gemm", gemm)] {
@@ -789,12 +825,23 @@ mod tests {
                 options: ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
             },
         };
-        assert!(!strided.has_pull_back());
-        assert!(
-            strided
-                .pull_back(wave([1, 4, 4, 3], 0.0, &device))
-                .is_none()
+        let strided_gemm = Conv2d::new(
+            wave([4, 5, 3, 3], 1.1, &device),
+            None,
+            ConvSpec {
+                stride: 2,
+                ..ConvSpec::k3(5, 4)
+            },
+            true,
         );
+        for strided in [strided, strided_gemm] {
+            assert!(!strided.has_pull_back());
+            assert!(
+                strided
+                    .pull_back(wave([1, 4, 4, 3], 0.0, &device))
+                    .is_none()
+            );
+        }
     }
 
     #[test]
@@ -840,28 +887,31 @@ mod tests {
 
     #[test]
     fn gemm_convolution_gradient_equals_burns() {
-        // The guidance differentiates through every convolution to its input.
+        // The guidance differentiates through every convolution to its input, the
+        // downsamplers' stride 2 included (their pull-back is autodiff's).
         let device = Device::flex();
         let x = wave([2, 5, 7, 6], 0.3, &device);
         let weight = wave([4, 5, 3, 3], 1.1, &device);
-        let g = wave([2, 4, 7, 6], 3.0, &device);
-        let grad = |gemm: bool| {
-            let leaf = x.clone().autodiff().require_grad();
-            let y = if gemm {
-                let w = weight.clone().permute([0, 2, 3, 1]).reshape([1, 4, 45]);
-                gemm_in_bands(leaf.clone(), &w, None, None, 3, 1, Windows::Forward, 1)
-            } else {
-                conv2d(
-                    leaf.clone(),
-                    weight.clone(),
-                    None,
-                    ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
-                )
+        for s in [1, 2] {
+            let g = wave([2, 4, (7 - 1) / s + 1, (6 - 1) / s + 1], 3.0, &device);
+            let grad = |gemm: bool| {
+                let leaf = x.clone().autodiff().require_grad();
+                let y = if gemm {
+                    let w = weight.clone().permute([0, 2, 3, 1]).reshape([1, 4, 45]);
+                    gemm_in_bands(leaf.clone(), &w, None, None, [3, 1, s], Windows::Forward, 1)
+                } else {
+                    conv2d(
+                        leaf.clone(),
+                        weight.clone(),
+                        None,
+                        ConvOptions::new([s, s], [1, 1], [1, 1], 1),
+                    )
+                };
+                let grads = (y * g.clone()).sum().backward();
+                leaf.grad(&grads).expect("the input's gradient")
             };
-            let grads = (y * g.clone()).sum().backward();
-            leaf.grad(&grads).expect("the input's gradient")
-        };
-        let diff = max_abs(grad(true) - grad(false));
-        assert!(diff < 1e-5, "{diff}");
+            let diff = max_abs(grad(true) - grad(false));
+            assert!(diff < 1e-5, "stride {s}: {diff}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The im2col step of a stride-1 convolution: every `k x k` window of an image, zero where it
+//! The im2col step of a convolution: every `k x k` window of an image, zero where it
 //! reaches past the image's edge, laid out `[b, (dy, dx, c), rows * ow]` for one matrix product
 //! with a `[1, out, (dy, dx, c)]` weight; or, for the convolution's pull-back, laid out
 //! `[b, (c, dy, dx), rows * ow]` with the window flipped, so that the forward weight itself,
@@ -25,8 +25,8 @@ use burn_cubecl::cubecl::prelude::CubeDim;
 use burn_cubecl::kernel::untile;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-/// The windows of output rows `first_row..first_row + rows` of a stride-1 `kernel x kernel`
-/// convolution of `x` `[b, c, h, w]` with `padding` zeros on every side:
+/// The windows of output rows `first_row..first_row + rows` of a `kernel x kernel` convolution
+/// of `x` `[b, c, h, w]` with `padding` zeros on every side and the given `stride`:
 /// `[b, kernel * kernel * c, rows * ow]`, ordered (dy, dx, c) along the second axis. With
 /// `adjoint`, ordered (c, dy, dx) and each window flipped: entry (c, dy, dx) holds what
 /// (c, k-1-dy, k-1-dx) holds otherwise.
@@ -34,6 +34,7 @@ pub fn conv_windows(
     x: Tensor<4>,
     kernel: usize,
     padding: usize,
+    stride: usize,
     first_row: usize,
     rows: usize,
     adjoint: bool,
@@ -42,6 +43,7 @@ pub fn conv_windows(
         x.into_dispatch(),
         kernel,
         padding,
+        stride,
         first_row,
         rows,
         adjoint,
@@ -52,35 +54,37 @@ fn windows_shape(
     x: &Shape,
     kernel: &usize,
     padding: &usize,
+    stride: &usize,
     _first_row: &usize,
     rows: &usize,
     _adjoint: &bool,
 ) -> Shape {
-    let ow = x[3] + 2 * padding + 1 - kernel;
+    let ow = (x[3] + 2 * padding - kernel) / stride + 1;
     Shape::new([x[0], kernel * kernel * x[1], rows * ow])
 }
 
 #[backend_extension(Cube, Fusion, Flex: cfg(not(target_family = "wasm")), Autodiff)]
 pub trait WindowOps: Backend {
     /// See [`conv_windows`]. The default composes burn's ops; the GPU runs one kernel.
-    #[fusion(dtype = x, shape = windows_shape(x, kernel, padding, first_row, rows, adjoint))]
+    #[fusion(dtype = x, shape = windows_shape(x, kernel, padding, stride, first_row, rows, adjoint))]
     fn conv_windows(
         x: FloatTensor<Self>,
         kernel: usize,
         padding: usize,
+        stride: usize,
         first_row: usize,
         rows: usize,
         adjoint: bool,
     ) -> FloatTensor<Self> {
         let shape = x.shape();
         let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-        let ow = w + 2 * padding + 1 - kernel;
+        let ow = (w + 2 * padding - kernel) / stride + 1;
         // The input rows these output rows read, padded here rather than the whole input
         // first: a padded copy of a VAE activation at 512 px would pass WebGPU's 128 MiB
         // binding size, which the activation itself just fits.
         let (lo, hi) = (
-            first_row as isize - padding as isize,
-            first_row + rows + kernel - 1,
+            (first_row * stride) as isize - padding as isize,
+            (first_row + rows - 1) * stride + kernel,
         );
         let top = (-lo).max(0) as usize;
         let bottom = hi.saturating_sub(h + padding);
@@ -105,8 +109,8 @@ pub trait WindowOps: Backend {
         };
         // Every window as a strided view `[b, c, rows, ow, dy, dx]`, laid out like the
         // weight by one copy.
-        let x = Self::float_unfold(x, 2, kernel, 1);
-        let x = Self::float_unfold(x, 3, kernel, 1);
+        let x = Self::float_unfold(x, 2, kernel, stride);
+        let x = Self::float_unfold(x, 3, kernel, stride);
         let x = if adjoint {
             Self::float_permute(Self::float_flip(x, &[4, 5]), &[0, 1, 4, 5, 2, 3])
         } else {
@@ -126,6 +130,7 @@ impl WindowOps for CubeBackend {
         x: FloatTensor<Self>,
         kernel: usize,
         padding: usize,
+        stride: usize,
         first_row: usize,
         rows: usize,
         adjoint: bool,
@@ -135,6 +140,7 @@ impl WindowOps for CubeBackend {
             x.meta.shape(),
             &kernel,
             &padding,
+            &stride,
             &first_row,
             &rows,
             &adjoint,
@@ -158,6 +164,7 @@ impl WindowOps for CubeBackend {
             output.clone().into_tensor_arg(),
             kernel,
             padding,
+            stride,
             first_row,
             ow,
             adjoint,
@@ -180,6 +187,7 @@ mod kernel {
         output: &mut Tensor<E>,
         kernel: usize,
         padding: usize,
+        stride: usize,
         first_row: usize,
         ow: usize,
         #[comptime] adjoint: bool,
@@ -205,8 +213,8 @@ mod kernel {
         let (dy, dx) = (offset / kernel, offset % kernel);
         // Row and column in the padded image; unsigned, so the padding is subtracted only after
         // the comparison that says the position is inside the image.
-        let y = first_row + column / ow + dy;
-        let x = column % ow + dx;
+        let y = (first_row + column / ow) * stride + dy;
+        let x = (column % ow) * stride + dx;
         let mut value = E::from_int(0);
         if y >= padding
             && x >= padding
@@ -239,7 +247,8 @@ mod tests {
     /// The GPU kernel against the composition of burn's ops (what an autodiff-tracked tensor
     /// takes) on the same device, in f32 and f16, at every kind of band the convolution cuts:
     /// all rows, the first rows (top padding), middle rows and the last rows (bottom padding),
-    /// for the 3x3 forward (padding 1), its pull-back (padding 2), no padding and a 1x1. The
+    /// for the 3x3 forward (padding 1), its pull-back (padding 2), no padding, a 1x1 and the
+    /// downsamplers' stride 2. The
     /// values are copied, not computed, so they must be equal, not close. Both layouts; the
     /// input is a transposed view, so the kernel's strided reads are tested too.
     #[test]
@@ -250,12 +259,13 @@ mod tests {
         };
         for dtype in [DType::F32, DType::F16] {
             let x = wave([2, 3, 5, 7], &device).swap_dims(2, 3).cast(dtype);
-            for (kernel, padding) in [(3, 1), (3, 2), (3, 0), (1, 0)] {
-                let oh = 7 + 2 * padding + 1 - kernel;
-                for (first_row, rows) in [(0, oh), (0, 2), (2, 3), (oh - 2, 2)] {
+            for (kernel, padding, stride) in [(3, 1, 1), (3, 2, 1), (3, 0, 1), (1, 0, 1), (3, 1, 2)]
+            {
+                let oh = (7 + 2 * padding - kernel) / stride + 1;
+                for (first_row, rows) in [(0, oh), (0, 2), (1, 2), (oh - 2, 2)] {
                     for adjoint in [false, true] {
                         let at = |x: Tensor<4>| {
-                            conv_windows(x, kernel, padding, first_row, rows, adjoint)
+                            conv_windows(x, kernel, padding, stride, first_row, rows, adjoint)
                         };
                         let ours = at(x.clone());
                         let composed = at(x.clone().autodiff().require_grad()).without_autodiff();
