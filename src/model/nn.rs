@@ -105,8 +105,6 @@ fn gemm_in_bands(
     let out = weight.dims()[1];
     let side = |n: usize| (n + 2 * padding - kernel) / stride + 1;
     let (oh, ow) = (side(h), side(w));
-    // Added before the result is reshaped to an image, so that they fuse into the product
-    // (burn-fusion ends a fused segment at a reshape).
     let product = |cols: Tensor<3>, r0: usize, rows: usize| {
         let plus = plus.map(|p| {
             if p.dims()[2] == 1 || rows == oh {
@@ -115,15 +113,7 @@ fn gemm_in_bands(
                 p.clone().narrow(2, r0 * ow, rows * ow)
             }
         });
-        let y = weight.clone().matmul(cols);
-        let y = match bias {
-            Some(bias) => y + bias.clone(),
-            None => y,
-        };
-        match plus {
-            Some(p) => y + p,
-            None => y,
-        }
+        product_plus(weight, bias, cols, plus)
     };
     if kernel == 1 && padding == 0 && stride == 1 {
         product(x.reshape([b, c, h * w]), 0, oh).reshape([b, out, oh, ow])
@@ -144,6 +134,25 @@ fn gemm_in_bands(
         } else {
             Tensor::cat(bands, 2)
         }
+    }
+}
+
+/// `weight x cols + bias + plus`, the sums added before the product is reshaped to an image,
+/// so that they run in its kernel (burn-fusion ends a fused segment at a reshape).
+fn product_plus(
+    weight: &Tensor<3>,
+    bias: Option<&Tensor<3>>,
+    cols: Tensor<3>,
+    plus: Option<Tensor<3>>,
+) -> Tensor<3> {
+    let y = weight.clone().matmul(cols);
+    let y = match bias {
+        Some(bias) => y + bias.clone(),
+        None => y,
+    };
+    match plus {
+        Some(p) => y + p,
+        None => y,
     }
 }
 
@@ -329,13 +338,15 @@ impl Conv2d {
             } => {
                 let dtype = x.dtype();
                 let [b, _, _] = x.dims();
-                let y = to_dtype(weight.clone(), dtype).matmul(x);
-                let y = match bias {
-                    Some(bias) => y + to_dtype(bias.clone(), dtype),
-                    None => y,
-                };
+                let bias = bias.clone().map(|b| to_dtype(b, dtype));
+                let y = product_plus(
+                    &to_dtype(weight.clone(), dtype),
+                    bias.as_ref(),
+                    x,
+                    Some(plus),
+                );
                 let out = y.dims()[1];
-                (y + plus).reshape([b, out, h, w])
+                y.reshape([b, out, h, w])
             }
             _ => {
                 let [b, c, _] = x.dims();
@@ -360,46 +371,43 @@ impl Conv2d {
                 );
                 add_image(y, plus)
             }
-            // Under autodiff (the guidance's pull-back through a downsampler, which has no
-            // hand-written one) a strided convolution goes through burn's conv2d, as before
-            // it was computed as a product: autodiff of the windows' composition launched 42
-            // kernels more per lean evaluation than burn's transposed convolution.
             Kernel::Gemm {
                 weight,
                 bias,
                 kernel,
                 padding,
                 stride,
-            } if *stride != 1 && x.is_autodiff() => {
-                let [_, out, cols] = weight.dims();
-                let (k, c_in) = (*kernel, cols / (kernel * kernel));
-                let weight = weight
-                    .clone()
-                    .reshape([out, k, k, c_in])
-                    .permute([0, 3, 1, 2]);
-                let y = conv2d(
+            } => {
+                // Under autodiff (the guidance's pull-back through a downsampler, which has
+                // no hand-written one) a strided convolution goes through burn's conv2d, as
+                // before it was computed as a product: autodiff of the windows' composition
+                // launched 42 kernels more per lean evaluation than burn's transposed
+                // convolution.
+                if *stride != 1 && x.is_autodiff() {
+                    let [_, out, cols] = weight.dims();
+                    let (k, c_in) = (*kernel, cols / (kernel * kernel));
+                    let weight = weight
+                        .clone()
+                        .reshape([out, k, k, c_in])
+                        .permute([0, 3, 1, 2]);
+                    let y = conv2d(
+                        x,
+                        to_dtype(weight, dtype),
+                        bias.clone().map(|b| to_dtype(b.reshape([out]), dtype)),
+                        ConvOptions::new([*stride; 2], [*padding; 2], [1, 1], 1),
+                    );
+                    return add_image(y, plus);
+                }
+                gemm_in_bands(
                     x,
-                    to_dtype(weight, dtype),
-                    bias.clone().map(|b| to_dtype(b.reshape([out]), dtype)),
-                    ConvOptions::new([*stride; 2], [*padding; 2], [1, 1], 1),
-                );
-                add_image(y, plus)
+                    &to_dtype(weight.clone(), dtype),
+                    bias.clone().map(|b| to_dtype(b, dtype)).as_ref(),
+                    plus.as_ref(),
+                    [*kernel, *padding, *stride],
+                    Windows::Forward,
+                    GEMM_BAND_BYTES,
+                )
             }
-            Kernel::Gemm {
-                weight,
-                bias,
-                kernel,
-                padding,
-                stride,
-            } => gemm_in_bands(
-                x,
-                &to_dtype(weight.clone(), dtype),
-                bias.clone().map(|b| to_dtype(b, dtype)).as_ref(),
-                plus.as_ref(),
-                [*kernel, *padding, *stride],
-                Windows::Forward,
-                GEMM_BAND_BYTES,
-            ),
         }
     }
 }
