@@ -158,6 +158,8 @@ await test("first visit: license dialog, download into IndexedDB with a dropped 
     check(vae.length === 2, `the corrupted VAE was fetched ${vae.length} times`);
     const notices = await page.locator("dragon-editor .notices").textContent();
     check(/vae\/diffusion_pytorch_model.safetensors failed its SHA-256 check and was discarded/.test(notices), `notices: ${notices}`);
+    // The panel is filled by a storage request to the worker that follows the "Ready" status.
+    await page.waitForFunction(() => document.querySelector("dragon-editor").shadowRoot.querySelector(".models").textContent !== "", null, { timeout: 30_000 });
     const storage = await page.locator("dragon-editor .models").textContent();
     check(/tiny: 12 MB/.test(storage), `storage panel: ${storage}`);
   } finally {
