@@ -66,6 +66,23 @@ pub fn gpu_with_pools(api: GraphicsApi, pools: PoolLayout) -> Result<Device> {
         })
 }
 
+/// The Vulkan device for the library's own GPU tests, opened once for all of them: two tests
+/// opening it at the same moment left one without an adapter (it then skipped, unseen).
+/// `None`, with the reason printed, where this machine has none; CI installs Mesa's lavapipe.
+#[cfg(all(test, not(target_family = "wasm")))]
+pub(crate) fn test_gpu() -> Option<Device> {
+    static DEVICE: std::sync::OnceLock<std::result::Result<Device, String>> =
+        std::sync::OnceLock::new();
+    let opened = DEVICE.get_or_init(|| gpu(GraphicsApi::Vulkan).map_err(|e| e.to_string()));
+    match opened {
+        Ok(device) => Some(device.clone()),
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            None
+        }
+    }
+}
+
 /// Opens the browser's WebGPU adapter. Call once per page, before creating any tensor.
 pub async fn webgpu() -> Result<Device> {
     Device::wgpu_options().init_async().await.map_err(|e| {

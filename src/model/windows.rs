@@ -253,8 +253,7 @@ mod tests {
     /// input is a transposed view, so the kernel's strided reads are tested too.
     #[test]
     fn kernel_equals_composed_windows() {
-        let Ok(device) = crate::device::gpu(crate::device::GraphicsApi::Vulkan) else {
-            println!("SKIPPED: no Vulkan adapter");
+        let Some(device) = crate::device::test_gpu() else {
             return;
         };
         for dtype in [DType::F32, DType::F16] {
