@@ -7,6 +7,7 @@ pub mod config;
 pub mod conv_choice;
 pub mod folder;
 pub mod nn;
+pub mod normalize;
 pub mod pullback;
 pub mod random;
 pub mod resnet;

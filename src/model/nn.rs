@@ -8,7 +8,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::pullback::broadcast_rows;
+use super::normalize::{Rows, normalize, normalize_pull_back};
 use super::windows::conv_windows;
 use crate::error::Result;
 use crate::weights::Loader;
@@ -541,13 +541,11 @@ fn cat_layers(layers: Vec<Linear>, dim: usize) -> Linear {
     }
 }
 
-/// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance. The scale and shift are kept
-/// `[1, C, 1, 1]`, shaped once at load so that no reshape splits the norm's elementwise tail
-/// into kernels of their own (as for [`Linear`]).
+/// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance (see [`normalize`]).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    gamma: Tensor<4>,
-    beta: Tensor<4>,
+    scale: Tensor<1>,
+    shift: Tensor<1>,
     groups: usize,
     eps: f64,
 }
@@ -570,94 +568,74 @@ impl GroupNorm {
 
     /// A norm of `channels` channels in `groups` groups with the given scale and shift.
     pub fn new(gamma: Tensor<1>, beta: Tensor<1>, groups: usize, eps: f64) -> Self {
-        let c = gamma.dims()[0];
         Self {
-            gamma: gamma.reshape([1, c, 1, 1]),
-            beta: beta.reshape([1, c, 1, 1]),
+            scale: gamma,
+            shift: beta,
             groups,
             eps,
         }
     }
 
-    /// The statistics are taken in f32 whatever `x`'s dtype: burn sums a group's squares into a
-    /// tensor of the input's dtype, and in f16 a 64x64 group of 10 channels (40960 values) passes
-    /// f16's largest value once their mean square passes 1.6; the variance is then infinite and
-    /// the whole group comes out zero. PyTorch's f16 norms accumulate in f32 too.
+    /// The statistics and the arithmetic are in f32 whatever `x`'s dtype ([`normalize`]):
+    /// in f16 a 64x64 group of 10 channels (40960 values) passes f16's largest value once
+    /// their mean square passes 1.6; the variance is then infinite and the whole group comes
+    /// out zero. PyTorch's f16 norms accumulate in f32 too.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, wd] = x.dims();
-        let dtype = x.dtype();
-        let grouped = x.reshape([b, self.groups, (c / self.groups) * h * wd]);
-        let (var, mean) = group_statistics(grouped.clone());
-        let std = to_dtype((var + self.eps).sqrt(), dtype);
-        let normed = (grouped - to_dtype(mean, dtype)) / std;
-        let normed = normed.reshape([b, c, h, wd]);
-        normed * to_dtype(self.gamma.clone(), dtype) + to_dtype(self.beta.clone(), dtype)
+        self.forward_then(x, false)
     }
 
-    /// `gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in closed form:
-    /// with `x̂` the normalised input and `ĝ = γ ⊙ gᵀ∂f/∂y` at the norm's output `y`,
-    /// `rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))` per group. `g` may have more rows than `x` (one
-    /// per energy): the statistics are taken once, at `x`'s rows. 7 kernel launches alone,
-    /// where autodiff of the same piece launched 33 (docs/BENCHMARKS.md); the means are taken
-    /// in f32, as the forward's statistics are.
-    pub fn pull_back(&self, x: &Tensor<4>, g: Tensor<4>, then_silu: bool) -> Tensor<4> {
+    /// `SiLU(forward(x))`, the SiLU in the norm's kernel.
+    pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_then(x, true)
+    }
+
+    fn forward_then(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        let [b, c, h, wd] = x.dims();
+        normalize(
+            x.reshape([b, c, h * wd]),
+            self.scale.clone(),
+            self.shift.clone(),
+            Rows::Groups(self.groups),
+            self.eps,
+            silu,
+        )
+        .reshape([b, c, h, wd])
+    }
+
+    /// `plus + gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in
+    /// closed form ([`normalize_pull_back`]); `plus`, where given, is the cotangent of the
+    /// residual path beside the norm, summed in the same kernel. `g` may have more rows than `x` (one per
+    /// energy). One kernel on the GPU, where the same formula composed of burn's ops launched
+    /// 7 and the sum another, and autodiff of the norm 33 (docs/BENCHMARKS.md).
+    pub fn pull_back(
+        &self,
+        x: &Tensor<4>,
+        g: Tensor<4>,
+        then_silu: bool,
+        plus: Option<Tensor<4>>,
+    ) -> Tensor<4> {
+        let [b, c, h, wd] = x.dims();
         let rows = g.dims()[0];
-        let x = broadcast_rows(x, rows);
-        let [b, c, h, wd] = x.dims();
-        let dtype = x.dtype();
-        let (groups, n) = (self.groups, (c / self.groups) * h * wd);
-        let grouped = x.reshape([b, groups, n]);
-        let (var, mean) = group_statistics(grouped.clone());
-        let rstd = to_dtype((var + self.eps).sqrt().recip(), dtype);
-        let x_hat = (grouped - to_dtype(mean, dtype)) * rstd.clone();
-        let gamma = to_dtype(self.gamma.clone(), dtype);
-        let g = to_dtype(g, dtype);
-        let g_y = if then_silu {
-            let beta = to_dtype(self.beta.clone(), dtype);
-            let y = x_hat.clone().reshape([b, c, h, wd]) * gamma.clone() + beta;
-            let s = activation::sigmoid(y.clone());
-            // SiLU'(y) = σ(y) (1 + y (1 − σ(y))).
-            g * (s.clone() * (y * (s.neg() + 1.0) + 1.0))
-        } else {
-            g
-        };
-        let g_hat = (g_y * gamma).reshape([rows, groups, n]);
-        let g_hat_f32 = to_dtype(g_hat.clone(), DType::F32);
-        let mean_of = |t: Tensor<3>| to_dtype(t.mean_dim(2), dtype);
-        let m1 = mean_of(g_hat_f32.clone());
-        let m2 = mean_of(g_hat_f32 * to_dtype(x_hat.clone(), DType::F32));
-        ((g_hat - m1 - x_hat * m2) * rstd).reshape([rows, c, h, wd])
+        normalize_pull_back(
+            x.clone().reshape([b, c, h * wd]),
+            g.reshape([rows, c, h * wd]),
+            self.scale.clone(),
+            self.shift.clone(),
+            Rows::Groups(self.groups),
+            self.eps,
+            then_silu,
+            plus.map(|p| p.reshape([rows, c, h * wd])),
+        )
+        .reshape([rows, c, h, wd])
     }
 }
 
-/// The most f32 memory a group norm's statistics take at once; a larger input is reduced in
-/// slices of groups. The VAE decoder's last norms (256 channels at 512 px) would otherwise take
-/// an f32 copy, a centred copy and its square of 256 MiB each.
-const STATISTICS_SLICE_BYTES: usize = 32 << 20;
-
-/// `(variance, mean)` in f32 of `grouped` `[b, groups, n]` over its last axis.
-fn group_statistics(grouped: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-    let [b, groups, n] = grouped.dims();
-    let slice = (STATISTICS_SLICE_BYTES / (b * n * 4).max(1)).clamp(1, groups);
-    if slice == groups {
-        return to_dtype(grouped, DType::F32).var_mean_bias(2);
-    }
-    let (vars, means): (Vec<_>, Vec<_>) = (0..groups)
-        .step_by(slice)
-        .map(|g0| {
-            let part = grouped.clone().narrow(1, g0, slice.min(groups - g0));
-            to_dtype(part, DType::F32).var_mean_bias(2)
-        })
-        .unzip();
-    (Tensor::cat(vars, 1), Tensor::cat(means, 1))
-}
-
-/// LayerNorm over the last axis of `[B, N, C]` tokens. The scale and shift are kept `[1, 1, C]`
-/// in f32, shaped once (as for [`GroupNorm`]).
+/// LayerNorm over the last axis of `[B, N, C]` tokens, with the scale and shift kept in f32
+/// (see [`forward`](Self::forward)).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    gamma: Tensor<3>,
-    beta: Tensor<3>,
+    scale: Tensor<1>,
+    shift: Tensor<1>,
     eps: f64,
 }
 
@@ -674,36 +652,39 @@ impl LayerNorm {
     /// (see [`forward`](Self::forward)).
     pub fn new(gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Self {
         Self {
-            gamma: to_dtype(gamma, DType::F32).unsqueeze(),
-            beta: to_dtype(beta, DType::F32).unsqueeze(),
+            scale: to_dtype(gamma, DType::F32),
+            shift: to_dtype(beta, DType::F32),
             eps,
         }
     }
 
-    /// Computed in f32 whatever `x`'s dtype, then cast back: in f16 a value 256 from its row's
-    /// mean already squares past f16's largest value. Written out rather than burn's
-    /// `layer_norm`, which reshapes its scale and shift on every call (see [`Linear`]).
+    /// Computed in f32 whatever `x`'s dtype, then cast back ([`normalize`]): in f16 a value
+    /// 256 from its row's mean already squares past f16's largest value. `x` may be a strided
+    /// view (the tokens of a transformer's input projection are a transposed one).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let dtype = x.dtype();
-        let x = to_dtype(x, DType::F32);
-        let (var, mean) = x.clone().var_mean_bias(2);
-        let y = (x - mean) / (var + self.eps).sqrt() * self.gamma.clone() + self.beta.clone();
-        to_dtype(y, dtype)
+        normalize(
+            x,
+            self.scale.clone(),
+            self.shift.clone(),
+            Rows::Last,
+            self.eps,
+            false,
+        )
     }
 
-    /// `gᵀ ∂norm/∂x` at `x` in closed form, as [`GroupNorm::pull_back`] (one group per
-    /// token), in f32 like the forward; `g` may have more rows than `x`.
-    pub fn pull_back(&self, x: &Tensor<3>, g: Tensor<3>) -> Tensor<3> {
-        let dtype = x.dtype();
-        let last = 2;
-        let x = to_dtype(broadcast_rows(x, g.dims()[0]), DType::F32);
-        let (var, mean) = x.clone().var_mean_bias(last);
-        let rstd = (var + self.eps).sqrt().recip();
-        let x_hat = (x - mean) * rstd.clone();
-        let g_hat = to_dtype(g, DType::F32) * self.gamma.clone();
-        let m1 = g_hat.clone().mean_dim(last);
-        let m2 = (g_hat.clone() * x_hat.clone()).mean_dim(last);
-        to_dtype((g_hat - m1 - x_hat * m2) * rstd, dtype)
+    /// `plus + gᵀ ∂norm/∂x` at `x` in closed form ([`normalize_pull_back`], with `plus` as
+    /// for [`GroupNorm::pull_back`]); `g` may have more rows than `x`.
+    pub fn pull_back(&self, x: &Tensor<3>, g: Tensor<3>, plus: Option<Tensor<3>>) -> Tensor<3> {
+        normalize_pull_back(
+            x.clone(),
+            g,
+            self.scale.clone(),
+            self.shift.clone(),
+            Rows::Last,
+            self.eps,
+            false,
+            plus,
+        )
     }
 }
 
@@ -878,7 +859,9 @@ mod tests {
                 let y = gn.forward(x);
                 if then_silu { silu(y) } else { y }
             });
-            let got = gn.pull_back(&x, g.clone(), then_silu);
+            let plus = wave([2, 8, 5, 3], 0.8, &device);
+            let want = want + plus.clone();
+            let got = gn.pull_back(&x, g.clone(), then_silu, Some(plus));
             assert_eq!(got.dims(), [2, 8, 5, 3]);
             let diff = max_abs(got - want.clone()) / max_abs(want);
             assert!(diff < 1e-5, "silu {then_silu}: {diff}");
@@ -887,7 +870,9 @@ mod tests {
         let x = wave([1, 4, 6], 1.7, &device) * 3.0 - 1.1;
         let g = wave([2, 4, 6], 0.5, &device);
         let want = pullback_wide(&x, g.clone(), |x| ln.forward(x));
-        let got = ln.pull_back(&x, g);
+        let plus = wave([2, 4, 6], 1.9, &device);
+        let want = want + plus.clone();
+        let got = ln.pull_back(&x, g, Some(plus));
         let scale = want.clone().abs().max().into_scalar::<f32>();
         let diff = (got - want).abs().max().into_scalar::<f32>() / scale;
         assert!(diff < 1e-5, "layer norm: {diff}");

@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu};
+use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear};
 use crate::error::Result;
 use crate::weights::Loader;
 
@@ -86,7 +86,7 @@ impl ResnetBlock {
             (Some(slot), Some(times)) => Some(times.0.clone().narrow(1, slot.start, slot.len)),
             _ => None,
         };
-        let x = silu(self.norm1.forward(x));
+        let x = self.norm1.forward_silu(x);
         match time {
             Some(t) => self.conv1.forward_plus(x, t),
             None => self.conv1.forward(x),
@@ -101,7 +101,7 @@ impl ResnetBlock {
             Some(conv) => conv.forward(x),
             None => x,
         };
-        let h = silu(self.norm2.forward(h));
+        let h = self.norm2.forward_silu(h);
         if self.output_scale == 1.0 {
             let [b, c, height, width] = skip.dims();
             self.conv2
@@ -150,10 +150,9 @@ impl ResnetBlock {
             None => g.clone(),
         };
         let g_act = self.conv2.pull_back(g)?;
-        let g_h = self.norm2.pull_back(&trace.h, g_act, true);
+        let g_h = self.norm2.pull_back(&trace.h, g_act, true, None);
         let g_act = self.conv1.pull_back(g_h)?;
-        let g_x = self.norm1.pull_back(&trace.x, g_act, true);
-        Some(g_skip + g_x)
+        Some(self.norm1.pull_back(&trace.x, g_act, true, Some(g_skip)))
     }
 }
 

@@ -4,7 +4,7 @@ use burn::tensor::{DType, Tensor};
 
 use super::attention::AttentionPlan;
 use super::config::VaeConfig;
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, silu, to_dtype, upsample_nearest_2x};
+use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, to_dtype, upsample_nearest_2x};
 use super::resnet::{ResnetBlock, ResnetSpec};
 use crate::error::Result;
 use crate::weights::Loader;
@@ -247,9 +247,7 @@ impl Vae {
             }
         }
         let x = self.enc_mid.forward(x, &self.attention);
-        let x = self
-            .enc_conv_out
-            .forward(silu(self.enc_norm_out.forward(x)));
+        let x = self.enc_conv_out.forward(self.enc_norm_out.forward_silu(x));
         let moments = self.quant_conv.forward(x);
         let lat = self.config.latent_channels;
         to_dtype(moments.narrow(1, 0, lat), DType::F32) * self.config.scaling_factor
@@ -280,9 +278,7 @@ impl Vae {
                 x = up.forward(upsample_nearest_2x(x));
             }
         }
-        let x = self
-            .dec_conv_out
-            .forward(silu(self.dec_norm_out.forward(x)));
+        let x = self.dec_conv_out.forward(self.dec_norm_out.forward_silu(x));
         to_dtype(x, DType::F32) / 2.0 + 0.5
     }
 }

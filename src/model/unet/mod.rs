@@ -156,7 +156,7 @@ impl Unet {
         };
         let (x, mut outputs) = walk(&self.steps(last_up), latent, &env, hook, None);
         if head && last_up + 1 == self.up.len() {
-            outputs.push(self.conv_out.forward(silu(self.norm_out.forward(x))));
+            outputs.push(self.conv_out.forward(self.norm_out.forward_silu(x)));
         }
         outputs
     }

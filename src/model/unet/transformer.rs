@@ -317,17 +317,17 @@ impl TransformerBlock {
         let g_inner = self.ff_out.pull_back(g.clone());
         let g_h = geglu_pull_back(&t.h, g_inner);
         let g_n3 = self.ff_in.pull_back(g_h);
-        let g_x2 = g + self.norm3.pull_back(&t.x2, g_n3);
+        let g_x2 = self.norm3.pull_back(&t.x2, g_n3, Some(g));
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
         let [g_q2, _, _] = self.attn2.core_pullback_rows(&t.qkv2, &t.o2, g_o2, plan);
         let g_n2 = self.attn2.pull_back_queries(g_q2);
-        let g_x1 = g_x2 + self.norm2.pull_back(&t.x1, g_n2);
+        let g_x1 = self.norm2.pull_back(&t.x1, g_n2, Some(g_x2));
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
         let g_qkv = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
         let g_n1 = self.attn1.pull_back_self_projections(g_qkv);
-        g_x1 + self.norm1.pull_back(&t.x, g_n1)
+        self.norm1.pull_back(&t.x, g_n1, Some(g_x1))
     }
 }
 
@@ -602,7 +602,7 @@ impl Transformer2D {
             Projection::Conv(conv) => conv.pull_back(from_tokens(g_tokens))?,
             Projection::Linear(lin) => from_tokens(lin.pull_back(g_tokens)),
         };
-        Some(g + self.norm.pull_back(&trace.x, g_normed, false))
+        Some(self.norm.pull_back(&trace.x, g_normed, false, Some(g)))
     }
 
     /// `gᵀ ∂transformer/∂x` at `x`, running the forward again.

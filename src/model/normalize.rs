@@ -1,0 +1,693 @@
+//! Group and layer normalisation, with the scale and shift and an optional SiLU, in one
+//! launch: a cube per normalised row takes the row's mean and variance in f32 with a reduction
+//! in workgroup memory, then writes the normalised row in the input's dtype.
+//!
+//! Composed of burn's ops a norm took a reduction for its statistics and an elementwise
+//! kernel for the rest (in f32 up to five launches, with the casts), and a UNet pass has 109
+//! norms. The composition stays for burn's CPU backend and for tensors that autodiff tracks
+//! (the tape guidance), where it is differentiable as it is. The workgroup reduction uses no
+//! subgroup operations, which the browser does not have.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::{DType, FloatDType, Scalar, Shape, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::calculate_cube_count_elemwise;
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::untile;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+
+/// Which values of `x` `[b, m, n]` are normalised together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// GroupNorm: `x` is `[b, channels, pixels]` and each of `groups` runs of
+    /// `channels / groups` channels, all their pixels, is one row; the scale and shift are
+    /// per channel (the middle axis).
+    Groups(usize),
+    /// LayerNorm: each `x[b, i, ..]` is one row; the scale and shift are per feature (the
+    /// last axis).
+    Last,
+}
+
+/// `x` `[b, m, n]` normalised by [`Rows`] (biased variance, as PyTorch's norms), times
+/// `gamma` plus `beta`, then SiLU where `silu`; in `x`'s dtype, the statistics and the
+/// arithmetic in f32 whatever the dtypes of `x` and of `gamma` and `beta`. `x` may be a
+/// strided view; the result is contiguous.
+pub fn normalize(
+    x: Tensor<3>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    rows: Rows,
+    eps: f64,
+    silu: bool,
+) -> Tensor<3> {
+    let (groups, last) = match rows {
+        Rows::Groups(groups) => (groups, false),
+        Rows::Last => (x.dims()[1], true),
+    };
+    Tensor::from_dispatch(Dispatch::normalize(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        groups,
+        last,
+        eps,
+        silu,
+    ))
+}
+
+/// `gᵀ ∂f/∂x` at `x` for `f` [`normalize`] with the same arguments, in closed form: with `x̂`
+/// the normalised input and `ĝ = γ ⊙ gᵀ∂f/∂y` at the affine output `y` (through SiLU where
+/// `silu`), `rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))` per row. `g` may have more rows than `x`
+/// (one per energy, `x`'s batch repeated); `x`'s statistics are then taken again for each.
+/// `plus`, `g`'s shape, is added to the result where given: most callers sum the pull-back
+/// with the cotangent of a residual path, which is then no launch of its own. In `x`'s dtype, the
+/// arithmetic in f32; `x`, `g` and `plus` may be strided views.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_pull_back(
+    x: Tensor<3>,
+    g: Tensor<3>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    rows: Rows,
+    eps: f64,
+    silu: bool,
+    plus: Option<Tensor<3>>,
+) -> Tensor<3> {
+    let (groups, last) = match rows {
+        Rows::Groups(groups) => (groups, false),
+        Rows::Last => (x.dims()[1], true),
+    };
+    let g_again = g.clone();
+    Tensor::from_dispatch(Dispatch::normalize_pull_back(
+        x.into_dispatch(),
+        g.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        groups,
+        last,
+        eps,
+        silu,
+        // Without a sum the kernel takes `g` in its place and reads nothing of it.
+        plus.is_some(),
+        plus.unwrap_or_else(|| g_again.clone()).into_dispatch(),
+    ))
+}
+
+#[backend_extension(Cube, Fusion, Flex: cfg(not(target_family = "wasm")), Autodiff)]
+pub trait NormOps: Backend {
+    /// See [`normalize`]; `last` is [`Rows::Last`], with `groups` then `x`'s middle axis.
+    /// The default composes burn's ops; the GPU runs one kernel.
+    #[fusion(dtype = x, shape = x)]
+    fn normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        last: bool,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let (b, m, n) = (shape[0], shape[1], shape[2]);
+        let dtype = x.dtype();
+        let f32_of = |t: FloatTensor<Self>| {
+            if t.dtype() == DType::F32 {
+                t
+            } else {
+                Self::float_cast(t, FloatDType::F32)
+            }
+        };
+        // One row per `[b, group]`: for `Last` the groups are the middle axis, one row each.
+        let rows = Self::float_reshape(f32_of(x), Shape::new([b, groups, (m / groups) * n]));
+        let mean = Self::float_mean_dim(rows.clone(), 2);
+        let centred = Self::float_sub(rows, mean);
+        let var = Self::float_mean_dim(Self::float_mul(centred.clone(), centred.clone()), 2);
+        let rstd = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
+            var,
+            Scalar::from(eps),
+        )));
+        let normed = Self::float_reshape(Self::float_mul(centred, rstd), Shape::new([b, m, n]));
+        let affine = if last { [1, 1, n] } else { [1, m, 1] };
+        let gamma = Self::float_reshape(f32_of(gamma), Shape::new(affine));
+        let beta = Self::float_reshape(f32_of(beta), Shape::new(affine));
+        let y = Self::float_add(Self::float_mul(normed, gamma), beta);
+        let y = if silu {
+            Self::float_mul(y.clone(), Self::sigmoid(y))
+        } else {
+            y
+        };
+        if dtype == DType::F32 {
+            y
+        } else {
+            Self::float_cast(y, FloatDType::from(dtype))
+        }
+    }
+
+    /// See [`normalize_pull_back`]. The default composes burn's ops; the GPU runs one kernel.
+    #[fusion(dtype = x, shape = g)]
+    #[allow(clippy::too_many_arguments)]
+    fn normalize_pull_back(
+        x: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        last: bool,
+        eps: f64,
+        silu: bool,
+        add: bool,
+        plus: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let dtype = x.dtype();
+        let (bx, shape) = (x.shape()[0], g.shape());
+        let (b, m, n) = (shape[0], shape[1], shape[2]);
+        let f32_of = |t: FloatTensor<Self>| {
+            if t.dtype() == DType::F32 {
+                t
+            } else {
+                Self::float_cast(t, FloatDType::F32)
+            }
+        };
+        let x = if bx == b {
+            x
+        } else {
+            Self::float_repeat_dim(x, 0, b / bx)
+        };
+        let grouped = [b, groups, (m / groups) * n];
+        let rows = Self::float_reshape(f32_of(x), Shape::new(grouped));
+        let mean = Self::float_mean_dim(rows.clone(), 2);
+        let centred = Self::float_sub(rows, mean);
+        let var = Self::float_mean_dim(Self::float_mul(centred.clone(), centred.clone()), 2);
+        let rstd = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
+            var,
+            Scalar::from(eps),
+        )));
+        let x_hat = Self::float_mul(centred, rstd.clone());
+        let affine = Shape::new(if last { [1, 1, n] } else { [1, m, 1] });
+        let gamma = Self::float_reshape(f32_of(gamma), affine.clone());
+        let g = f32_of(g);
+        let g_y = if silu {
+            let beta = Self::float_reshape(f32_of(beta), affine);
+            let y = Self::float_reshape(x_hat.clone(), Shape::new([b, m, n]));
+            let y = Self::float_add(Self::float_mul(y, gamma.clone()), beta);
+            let s = Self::sigmoid(y.clone());
+            // SiLU'(y) = σ(y) (1 + y (1 − σ(y))).
+            let one_minus = Self::float_add_scalar(Self::float_neg(s.clone()), Scalar::from(1.0));
+            let slope = Self::float_add_scalar(Self::float_mul(y, one_minus), Scalar::from(1.0));
+            Self::float_mul(g, Self::float_mul(s, slope))
+        } else {
+            g
+        };
+        let g_hat = Self::float_reshape(Self::float_mul(g_y, gamma), Shape::new(grouped));
+        let m1 = Self::float_mean_dim(g_hat.clone(), 2);
+        let m2 = Self::float_mean_dim(Self::float_mul(g_hat.clone(), x_hat.clone()), 2);
+        let centred = Self::float_sub(Self::float_sub(g_hat, m1), Self::float_mul(x_hat, m2));
+        let out = Self::float_reshape(Self::float_mul(centred, rstd), Shape::new([b, m, n]));
+        let out = if add {
+            Self::float_add(out, f32_of(plus))
+        } else {
+            out
+        };
+        if dtype == DType::F32 {
+            out
+        } else {
+            Self::float_cast(out, FloatDType::from(dtype))
+        }
+    }
+}
+
+#[cfg(not(target_family = "wasm"))]
+impl NormOps for burn::backend::Flex {}
+
+impl<B: Backend + NormOps, C: CheckpointStrategy> NormOps for Autodiff<B, C> {}
+
+/// Units per cube: a power of two (the reduction halves them), enough that each unit reads a
+/// few values of a row, at most 1024 and the device's own limit (WebGPU guarantees 256).
+/// A 64x64 group of 10 channels is 40960 values for one cube, so a GPU hides each unit's
+/// memory latency only behind the cube's other units: as many as the device allows.
+fn units_per_row(n: usize, device_max: u32) -> usize {
+    let cap = (device_max as usize).clamp(1, 1024);
+    let cap = 1 << cap.ilog2();
+    (n / 4).next_power_of_two().clamp(32.min(cap), cap)
+}
+
+/// The launch shape for `rows` rows of `row_len` values on `x`'s device: the units per cube,
+/// and a grid of one cube per row (over two axes when one does not hold them; the cubes past
+/// the last row then skip their work).
+fn row_grid(
+    x: &FloatTensor<CubeBackend>,
+    rows: usize,
+    row_len: usize,
+) -> (usize, CubeDim, CubeCount) {
+    let units = units_per_row(row_len, x.client.properties().hardware.max_units_per_cube);
+    let cube_dim = CubeDim::new_1d(units as u32);
+    let cube_count = calculate_cube_count_elemwise(&x.client, rows * units, cube_dim);
+    (units, cube_dim, cube_count)
+}
+
+impl NormOps for CubeBackend {
+    fn normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        last: bool,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let (x, gamma, beta) = (untile(x), untile(gamma), untile(beta));
+        let shape = x.meta.shape().clone();
+        let rows = shape[0] * groups;
+        let (units, cube_dim, cube_count) = row_grid(&x, rows, (shape[1] / groups) * shape[2]);
+        let dtypes = [x.dtype, gamma.dtype].map(dtype_to_storage_type);
+        let output =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+        kernel::norm_kernel::launch(
+            &output.client,
+            cube_count,
+            cube_dim,
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            rows,
+            groups,
+            eps as f32,
+            units,
+            last,
+            silu,
+            dtypes,
+        );
+        output
+    }
+
+    fn normalize_pull_back(
+        x: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        last: bool,
+        eps: f64,
+        silu: bool,
+        add: bool,
+        plus: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (x, g, gamma, beta) = (untile(x), untile(g), untile(gamma), untile(beta));
+        let plus = untile(plus);
+        let shape = g.meta.shape().clone();
+        let rows = shape[0] * groups;
+        let (units, cube_dim, cube_count) = row_grid(&x, rows, (shape[1] / groups) * shape[2]);
+        let dtypes = [x.dtype, g.dtype, gamma.dtype, plus.dtype].map(dtype_to_storage_type);
+        let output =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+        kernel::norm_pull_back_kernel::launch(
+            &output.client,
+            cube_count,
+            cube_dim,
+            x.into_tensor_arg(),
+            g.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            plus.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            rows,
+            groups,
+            eps as f32,
+            units,
+            last,
+            silu,
+            add,
+            dtypes,
+        );
+        output
+    }
+}
+
+mod kernel {
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    /// The sum of every unit's `value`, on every unit. Each barrier is reached by the whole
+    /// cube (the loop's bound is a compile-time constant), as WGSL requires.
+    #[cube]
+    fn cube_sum(partial: &mut Shared<[f32]>, value: f32, #[comptime] units: usize) -> f32 {
+        let unit = UNIT_POS as usize;
+        partial[unit] = value;
+        sync_cube();
+        let mut active = units.runtime();
+        while active > 1 {
+            active /= 2;
+            if unit < active {
+                partial[unit] += partial[unit + active];
+            }
+            sync_cube();
+        }
+        let total = partial[0];
+        // Nobody writes `partial` for the next sum before everyone has read this one.
+        sync_cube();
+        total
+    }
+
+    /// Where one normalised row lies: row element `i` is
+    /// `t[batch, first + i / n, i % n]` of a `[b, m, n]` tensor `t`, for `count` elements
+    /// (zero in a cube past the last row, which still takes part in the barriers).
+    #[derive(CubeType)]
+    struct Row {
+        batch: usize,
+        first: usize,
+        n: usize,
+        count: usize,
+        len: usize,
+    }
+
+    #[cube]
+    fn row_of(row: usize, rows: usize, groups: usize, m: usize, n: usize) -> Row {
+        let span = m / groups;
+        let len = span * n;
+        let mut count = len;
+        if row >= rows {
+            count = 0;
+        }
+        Row {
+            batch: row / groups,
+            first: (row % groups) * span,
+            n,
+            count,
+            len,
+        }
+    }
+
+    /// The index in `t` of row element `i`, `batch` given separately (the input's batch may
+    /// be the cotangent's modulo its own).
+    #[cube]
+    fn at<T: CubePrimitive>(t: &Tensor<T>, batch: usize, row: &Row, i: usize) -> usize {
+        batch * t.stride(0) + (row.first + i / row.n) * t.stride(1) + (i % row.n) * t.stride(2)
+    }
+
+    /// The channel of row element `i`: its middle index, or with `last` its last.
+    #[cube]
+    fn channel(row: &Row, i: usize, #[comptime] last: bool) -> usize {
+        let mut c = row.first + i / row.n;
+        if last {
+            c = i % row.n;
+        }
+        c
+    }
+
+    /// The row's mean, then `1 / sqrt(variance + eps)`, the variance taken about the mean
+    /// in a second read rather than from the mean square: the difference of two large sums
+    /// loses the variance of a row far from zero.
+    #[cube]
+    fn row_mean<E: Float>(
+        input: &Tensor<E>,
+        batch: usize,
+        row: &Row,
+        partial: &mut Shared<[f32]>,
+        #[comptime] units: usize,
+    ) -> f32 {
+        let mut sum = f32::new(0.0);
+        let mut i = UNIT_POS as usize;
+        while i < row.count {
+            sum += f32::cast_from(input[at(input, batch, row, i)]);
+            i += units;
+        }
+        cube_sum(partial, sum, units) / f32::cast_from(row.len)
+    }
+
+    #[cube]
+    fn row_rstd<E: Float>(
+        input: &Tensor<E>,
+        batch: usize,
+        row: &Row,
+        mean: f32,
+        eps: f32,
+        partial: &mut Shared<[f32]>,
+        #[comptime] units: usize,
+    ) -> f32 {
+        let mut squares = f32::new(0.0);
+        let mut i = UNIT_POS as usize;
+        while i < row.count {
+            let d = f32::cast_from(input[at(input, batch, row, i)]) - mean;
+            squares += d * d;
+            i += units;
+        }
+        let var = cube_sum(partial, squares, units) / f32::cast_from(row.len);
+        f32::new(1.0) / f32::sqrt(var + eps)
+    }
+
+    /// One cube per row `(batch, group)` of `input` `[b, m, n]` (see `Row`); the scale and
+    /// shift are per channel.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn norm_kernel<E: Float, P: Float>(
+        input: &Tensor<E>,
+        gamma: &Tensor<P>,
+        beta: &Tensor<P>,
+        output: &mut Tensor<E>,
+        rows: usize,
+        groups: usize,
+        eps: f32,
+        #[comptime] units: usize,
+        #[comptime] last: bool,
+        #[comptime] silu: bool,
+        #[define(E, P)] _dtypes: [ElemType; 2],
+    ) {
+        let row_index = CUBE_POS;
+        let row = row_of(row_index, rows, groups, input.shape(1), input.shape(2));
+        let batch = row.batch;
+        let mut partial = Shared::<[f32]>::new_slice(units);
+        let mean = row_mean(input, batch, &row, &mut partial, units);
+        let rstd = row_rstd(input, batch, &row, mean, eps, &mut partial, units);
+        let mut i = UNIT_POS as usize;
+        while i < row.count {
+            let c = channel(&row, i, last);
+            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
+            let mut y = x_hat * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
+            if silu {
+                y /= f32::new(1.0) + f32::exp(-y);
+            }
+            output[row_index * row.len + i] = E::cast_from(y);
+            i += units;
+        }
+    }
+
+    /// `γ ⊙` the cotangent at the affine output `y = x̂ γ + β`, through SiLU where `silu`
+    /// (SiLU'(y) = σ(y) (1 + y (1 − σ(y)))).
+    #[cube]
+    fn scaled_cotangent(g: f32, x_hat: f32, gamma: f32, beta: f32, #[comptime] silu: bool) -> f32 {
+        let mut g_y = g;
+        if silu {
+            let y = x_hat * gamma + beta;
+            let s = f32::new(1.0) / (f32::new(1.0) + f32::exp(-y));
+            g_y = g * s * (f32::new(1.0) + y * (f32::new(1.0) - s));
+        }
+        g_y * gamma
+    }
+
+    /// One cube per row of the cotangent `g` `[b, m, n]`, plus `plus` (`g`'s shape) where
+    /// `add`; `input`'s
+    /// rows are its batch repeated, so a row's batch in `input` is the cotangent's modulo
+    /// `input`'s batch.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn norm_pull_back_kernel<E: Float, G: Float, P: Float, Q: Float>(
+        input: &Tensor<E>,
+        cotangent: &Tensor<G>,
+        gamma: &Tensor<P>,
+        beta: &Tensor<P>,
+        plus: &Tensor<Q>,
+        output: &mut Tensor<E>,
+        rows: usize,
+        groups: usize,
+        eps: f32,
+        #[comptime] units: usize,
+        #[comptime] last: bool,
+        #[comptime] silu: bool,
+        #[comptime] add: bool,
+        #[define(E, G, P, Q)] _dtypes: [ElemType; 4],
+    ) {
+        let row_index = CUBE_POS;
+        let row = row_of(row_index, rows, groups, input.shape(1), input.shape(2));
+        let batch = row.batch % input.shape(0);
+        let mut partial = Shared::<[f32]>::new_slice(units);
+        let mean = row_mean(input, batch, &row, &mut partial, units);
+        let rstd = row_rstd(input, batch, &row, mean, eps, &mut partial, units);
+
+        let mut sum_g = f32::new(0.0);
+        let mut sum_gx = f32::new(0.0);
+        let mut i = UNIT_POS as usize;
+        while i < row.count {
+            let c = channel(&row, i, last);
+            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
+            let g = f32::cast_from(cotangent[at(cotangent, row.batch, &row, i)]);
+            let g_hat = scaled_cotangent(
+                g,
+                x_hat,
+                f32::cast_from(gamma[c]),
+                f32::cast_from(beta[c]),
+                silu,
+            );
+            sum_g += g_hat;
+            sum_gx += g_hat * x_hat;
+            i += units;
+        }
+        let mean_g = cube_sum(&mut partial, sum_g, units) / f32::cast_from(row.len);
+        let mean_gx = cube_sum(&mut partial, sum_gx, units) / f32::cast_from(row.len);
+
+        i = UNIT_POS as usize;
+        while i < row.count {
+            let c = channel(&row, i, last);
+            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
+            let g = f32::cast_from(cotangent[at(cotangent, row.batch, &row, i)]);
+            let g_hat = scaled_cotangent(
+                g,
+                x_hat,
+                f32::cast_from(gamma[c]),
+                f32::cast_from(beta[c]),
+                silu,
+            );
+            let mut value = (g_hat - mean_g - x_hat * mean_gx) * rstd;
+            if add {
+                value += f32::cast_from(plus[at(plus, row.batch, &row, i)]);
+            }
+            output[row_index * row.len + i] = E::cast_from(value);
+            i += units;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn wave(shape: [usize; 3], seed: f32, device: &Device) -> Tensor<3> {
+        let n: usize = shape.iter().product();
+        Tensor::<1, burn::tensor::Int>::arange(0..n as i64, device)
+            .float()
+            .mul_scalar(seed)
+            .sin()
+            .mul_scalar(3.0)
+            .add_scalar(1.5)
+            .reshape(shape)
+    }
+
+    /// The GPU kernel against the composition of burn's ops (what an autodiff-tracked tensor
+    /// takes) on the same device: group rows and last-axis rows, with and without SiLU, a
+    /// transposed (strided) input, rows longer and shorter than a cube's units, f32 and f16
+    /// inputs, f16 and f32 scales. Both sum in f32 in different orders, so they agree to f32
+    /// rounding of the statistics (about 1e-6 relative) in f32, and to one f16 rounding of
+    /// values up to about 5 in f16 (2^-9 · 5 ≈ 0.01).
+    #[test]
+    fn kernel_equals_composed_norm() {
+        let Some(device) = crate::device::test_gpu() else {
+            return;
+        };
+        for (dtype, scale_dtype, tolerance) in [
+            (DType::F32, DType::F32, 1e-5),
+            (DType::F16, DType::F16, 1e-2),
+            (DType::F16, DType::F32, 1e-2),
+        ] {
+            let cases: [([usize; 3], Rows, bool); 6] = [
+                ([2, 12, 40], Rows::Groups(4), true),
+                ([2, 12, 300], Rows::Groups(3), false),
+                ([1, 6, 3], Rows::Groups(2), true),
+                ([2, 7, 20], Rows::Last, false),
+                ([3, 5, 700], Rows::Last, true),
+                ([1, 8, 600], Rows::Groups(2), true),
+            ];
+            for (shape, rows, silu) in cases {
+                for transposed in [false, true] {
+                    let [b, m, n] = shape;
+                    let x = if transposed {
+                        wave([b, n, m], 0.37, &device).swap_dims(1, 2)
+                    } else {
+                        wave(shape, 0.37, &device)
+                    };
+                    let x = x.cast(dtype);
+                    let channels = if rows == Rows::Last { n } else { m };
+                    let gamma = wave([1, 1, channels], 0.11, &device)
+                        .reshape([channels])
+                        .cast(scale_dtype);
+                    let beta = wave([1, 1, channels], 0.23, &device)
+                        .reshape([channels])
+                        .cast(scale_dtype);
+                    let at =
+                        |x: Tensor<3>| normalize(x, gamma.clone(), beta.clone(), rows, 1e-5, silu);
+                    let ours = at(x.clone());
+                    let composed = at(x.clone().autodiff().require_grad()).without_autodiff();
+                    assert_eq!(ours.dims(), shape);
+                    assert_eq!(ours.dtype(), dtype);
+                    let diff = (ours.cast(DType::F32) - composed.cast(DType::F32))
+                        .abs()
+                        .max()
+                        .into_scalar::<f32>();
+                    assert!(
+                        diff <= tolerance,
+                        "{dtype:?}/{scale_dtype:?} {shape:?} {rows:?} silu {silu} transposed \
+                         {transposed}: differs by {diff}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The GPU pull-back kernel against autodiff of the composition on the same device, at
+    /// rows of one input pulled back with more cotangent rows (as the guidance's lean backward
+    /// does, from one and from two input rows), with and without SiLU, with and without a
+    /// residual cotangent added, transposed inputs and cotangents. f32 only: autodiff's own f16 rounding would set the tolerance, not the
+    /// kernel. Relative to the largest gradient, both sum in f32 in different orders.
+    #[test]
+    fn pull_back_kernel_equals_autodiff() {
+        use crate::model::pullback::pullback_wide;
+        let Some(device) = crate::device::test_gpu() else {
+            return;
+        };
+        let cases: [([usize; 3], usize, Rows, bool); 5] = [
+            ([1, 12, 40], 2, Rows::Groups(4), true),
+            ([2, 12, 300], 4, Rows::Groups(3), false),
+            ([1, 6, 3], 1, Rows::Groups(2), true),
+            ([1, 7, 20], 2, Rows::Last, false),
+            ([2, 5, 700], 4, Rows::Last, false),
+        ];
+        for (shape, g_rows, rows, silu) in cases {
+            for transposed in [false, true] {
+                let [b, m, n] = shape;
+                let made = |rows: usize, seed: f32| {
+                    if transposed {
+                        wave([rows, n, m], seed, &device).swap_dims(1, 2)
+                    } else {
+                        wave([rows, m, n], seed, &device)
+                    }
+                };
+                let (x, g) = (made(b, 0.37), made(g_rows, 0.71));
+                let channels = if rows == Rows::Last { n } else { m };
+                let gamma = wave([1, 1, channels], 0.11, &device).reshape([channels]);
+                let beta = wave([1, 1, channels], 0.23, &device).reshape([channels]);
+                let want = pullback_wide(&x, g.clone(), |x| {
+                    normalize(x, gamma.clone(), beta.clone(), rows, 1e-5, silu)
+                });
+                // A residual cotangent to add, with the transposed inputs; none with the others.
+                let plus = transposed.then(|| made(g_rows, 1.3));
+                let want = match &plus {
+                    Some(plus) => want + plus.clone(),
+                    None => want,
+                };
+                let got =
+                    normalize_pull_back(x, g, gamma.clone(), beta.clone(), rows, 1e-5, silu, plus);
+                assert_eq!(got.dims(), [g_rows, m, n]);
+                let scale = want.clone().abs().max().into_scalar::<f32>();
+                let diff = (got - want).abs().max().into_scalar::<f32>() / scale;
+                assert!(
+                    diff < 1e-4,
+                    "{shape:?} to {g_rows} rows {rows:?} silu {silu} transposed {transposed}: \
+                     differs by {diff} of {scale}"
+                );
+            }
+        }
+    }
+}
