@@ -208,6 +208,9 @@ impl AttentionPlan {
     /// chunk. Under burn's autodiff every score chunk of a layer stays alive until the backward
     /// pass (about three score-sized tensors per head, BURN.md §3); here at most one chunk's
     /// scores exist at a time, so a 64x64 self-attention needs tens of MiB, not gigabytes.
+    /// `g` may have a multiple of `q`'s batch rows (the guidance pulls back one row per energy
+    /// from one kept forward): each group of rows is pulled back against the same `q`, `k`,
+    /// `v`, `o`, laid out by heads once, and the gradients have `g`'s rows.
     pub fn attend_pullback(
         &self,
         q: Tensor<4>,
@@ -219,51 +222,54 @@ impl AttentionPlan {
         let [b, h, nq, d] = q.dims();
         let nk = k.dims()[2];
         let dv = v.dims()[3];
+        let rows = g.dims()[0];
         let scale = (d as f64).powf(-0.5);
         let bh = b * h;
         let q = q.reshape([bh, nq, d]);
         let k = k.reshape([bh, nk, d]);
         let v = v.reshape([bh, nk, dv]);
         let o = o.reshape([bh, nq, dv]);
-        let g = g.reshape([bh, nq, dv]);
+        let g_all = g.reshape([rows * h, nq, dv]);
         let plan = self.chunking(bh, nq, nk, q.dtype().size());
 
         let (mut gq_heads, mut gk_heads, mut gv_heads) = (Vec::new(), Vec::new(), Vec::new());
-        for h0 in (0..bh).step_by(plan.heads_per_chunk) {
-            let hn = plan.heads_per_chunk.min(bh - h0);
-            let kh = k.clone().narrow(0, h0, hn);
-            let vh = v.clone().narrow(0, h0, hn);
-            let (k_t, v_t) = (kh.clone().swap_dims(1, 2), vh.clone().swap_dims(1, 2));
-            let mut gq_rows = Vec::new();
-            let mut gk: Option<Tensor<3>> = None;
-            let mut gv: Option<Tensor<3>> = None;
-            for q0 in (0..nq).step_by(plan.queries_per_chunk) {
-                let qn = plan.queries_per_chunk.min(nq - q0);
-                let rows = |t: &Tensor<3>| t.clone().narrow(0, h0, hn).narrow(1, q0, qn);
-                let (qc, oc, gc) = (rows(&q), rows(&o), rows(&g));
-                let p = softmax(qc.clone().matmul(k_t.clone()) * scale, 2);
-                let gv_part = p.clone().swap_dims(1, 2).matmul(gc.clone());
-                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax Jacobian applied row by row.
-                let delta = (gc.clone() * oc).sum_dim(2);
-                let ds = p * (gc.matmul(v_t.clone()) - delta) * scale;
-                gq_rows.push(ds.clone().matmul(kh.clone()));
-                let gk_part = ds.swap_dims(1, 2).matmul(qc);
-                gk = Some(gk.map_or(gk_part.clone(), |a| a + gk_part));
-                gv = Some(gv.map_or(gv_part.clone(), |a| a + gv_part));
+        for r0 in (0..rows).step_by(b.max(1)) {
+            let g = g_all.clone().narrow(0, r0 * h, bh);
+            for h0 in (0..bh).step_by(plan.heads_per_chunk) {
+                let hn = plan.heads_per_chunk.min(bh - h0);
+                let kh = k.clone().narrow(0, h0, hn);
+                let vh = v.clone().narrow(0, h0, hn);
+                let (k_t, v_t) = (kh.clone().swap_dims(1, 2), vh.clone().swap_dims(1, 2));
+                let mut gq_rows = Vec::new();
+                let mut gk: Option<Tensor<3>> = None;
+                let mut gv: Option<Tensor<3>> = None;
+                for q0 in (0..nq).step_by(plan.queries_per_chunk) {
+                    let qn = plan.queries_per_chunk.min(nq - q0);
+                    let rows = |t: &Tensor<3>| t.clone().narrow(0, h0, hn).narrow(1, q0, qn);
+                    let (qc, oc, gc) = (rows(&q), rows(&o), rows(&g));
+                    let p = softmax(qc.clone().matmul(k_t.clone()) * scale, 2);
+                    let gv_part = p.clone().swap_dims(1, 2).matmul(gc.clone());
+                    // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax Jacobian applied row by row.
+                    let delta = (gc.clone() * oc).sum_dim(2);
+                    let ds = p * (gc.matmul(v_t.clone()) - delta) * scale;
+                    gq_rows.push(ds.clone().matmul(kh.clone()));
+                    let gk_part = ds.swap_dims(1, 2).matmul(qc);
+                    gk = Some(gk.map_or(gk_part.clone(), |a| a + gk_part));
+                    gv = Some(gv.map_or(gv_part.clone(), |a| a + gv_part));
+                }
+                gq_heads.push(Tensor::cat(gq_rows, 1));
+                gk_heads.extend(gk);
+                gv_heads.extend(gv);
             }
-            gq_heads.push(Tensor::cat(gq_rows, 1));
-            gk_heads.extend(gk);
-            gv_heads.extend(gv);
         }
         (
-            Tensor::cat(gq_heads, 0).reshape([b, h, nq, d]),
-            Tensor::cat(gk_heads, 0).reshape([b, h, nk, d]),
-            Tensor::cat(gv_heads, 0).reshape([b, h, nk, dv]),
+            Tensor::cat(gq_heads, 0).reshape([rows, h, nq, d]),
+            Tensor::cat(gk_heads, 0).reshape([rows, h, nk, d]),
+            Tensor::cat(gv_heads, 0).reshape([rows, h, nk, dv]),
         )
     }
 }
 
-/// True where key index > query index, for query rows `q0..q0+qn`.
 fn causal_mask(q0: usize, qn: usize, nk: usize, like: &Tensor<3>) -> Tensor<3, Bool> {
     let values: Vec<bool> = (0..qn)
         .flat_map(|i| (0..nk).map(move |j| j > q0 + i))
@@ -377,7 +383,7 @@ mod tests {
         assert_eq!(plan.chunking(6, 10, 7, 4).heads_per_chunk, 1);
         assert_eq!(plan.chunking(6, 10, 7, 4).queries_per_chunk, 3);
         let o = plan.attend(q.clone(), k.clone(), v.clone(), false);
-        let (gq, gk, gv) = plan.attend_pullback(q, k, v, o, g);
+        let (gq, gk, gv) = plan.attend_pullback(q.clone(), k.clone(), v.clone(), o, g.clone());
         for (name, got, want) in [
             ("q", gq, &expected[0]),
             ("k", gk, &expected[1]),
@@ -387,6 +393,23 @@ mod tests {
             let size = want.clone().abs().max().into_scalar::<f32>();
             // f32 sums of at most 10 terms reordered: a few ulps of the largest entry.
             assert!(err <= 1e-5 * size, "d{name}: max error {err} of {size}");
+        }
+
+        // Two groups of cotangent rows against the same forward: the pull-back is linear in
+        // `g`, so the second group's gradients (at `g / 2`) are half the first's.
+        let wide = Tensor::cat(vec![g.clone(), g.clone() * 0.5], 0);
+        let o = plan.attend(q.clone(), k.clone(), v.clone(), false);
+        let (gq, gk, gv) = plan.attend_pullback(q.clone(), k.clone(), v.clone(), o.clone(), g);
+        let (wq, wk, wv) = plan.attend_pullback(q, k, v, o, wide);
+        for (name, got, one) in [("q", wq, gq), ("k", wk, gk), ("v", wv, gv)] {
+            let want = Tensor::cat(vec![one.clone(), one * 0.5], 0);
+            assert_eq!(got.dims(), want.dims(), "d{name}");
+            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
+            let size = want.abs().max().into_scalar::<f32>();
+            assert!(
+                err <= 1e-6 * size,
+                "d{name} of two row groups: max error {err} of {size}"
+            );
         }
     }
 }

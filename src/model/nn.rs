@@ -604,9 +604,9 @@ impl GroupNorm {
 
     /// `plus + gᵀ ∂f/∂x` at `x` for `f` the norm, followed by SiLU where `then_silu`, in
     /// closed form ([`normalize_pull_back`]); `plus`, where given, is the cotangent of the
-    /// residual path beside the norm, summed in the same kernel. `g` may have more rows than `x` (one per
-    /// energy). One kernel on the GPU, where the same formula composed of burn's ops launched
-    /// 7 and the sum another, and autodiff of the norm 33 (docs/BENCHMARKS.md).
+    /// residual path beside the norm, summed in the same kernel. `g` may have more rows than
+    /// `x` (one per energy). One kernel on the GPU, where the same formula composed of burn's
+    /// ops launched 7 and the sum another, and autodiff of the norm 33 (docs/BENCHMARKS.md).
     pub fn pull_back(
         &self,
         x: &Tensor<4>,

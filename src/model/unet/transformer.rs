@@ -111,6 +111,8 @@ impl Attention {
 
     /// Gradients of [`core`](Self::core) with respect to q, k and v, given its output `o` and
     /// the gradient `g` at it (chunked recomputation, [`AttentionPlan::attend_pullback`]).
+    /// `g` may have a multiple of the kept tensors' rows (one per energy); the kept tensors
+    /// are laid out by heads once for all of them, never copied to the wider batch.
     fn core_pullback(
         &self,
         [q, k, v]: [Tensor<3>; 3],
@@ -126,29 +128,6 @@ impl Attention {
             self.split_heads(g),
         );
         [gq, gk, gv].map(Self::merge_heads)
-    }
-
-    /// [`core_pullback`](Self::core_pullback) at q, k, v, o kept at the forward's batch, for a
-    /// `g` with a multiple of its rows: each group of rows is pulled back on its own, so the
-    /// kept tensors are never copied to the wider batch.
-    fn core_pullback_rows(
-        &self,
-        qkv: &[Tensor<3>; 3],
-        o: &Tensor<3>,
-        g: Tensor<3>,
-        plan: &AttentionPlan,
-    ) -> [Tensor<3>; 3] {
-        let (batch, rows) = (o.dims()[0], g.dims()[0]);
-        if rows == batch {
-            return self.core_pullback(qkv.clone(), o.clone(), g, plan);
-        }
-        let parts: Vec<[Tensor<3>; 3]> = (0..rows)
-            .step_by(batch)
-            .map(|r0| {
-                self.core_pullback(qkv.clone(), o.clone(), g.clone().narrow(0, r0, batch), plan)
-            })
-            .collect();
-        [0, 1, 2].map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 0))
     }
 
     /// Attention of `x` `[B, N, C]` over `context` (or itself).
@@ -320,12 +299,12 @@ impl TransformerBlock {
         let g_x2 = self.norm3.pull_back(&t.x2, g_n3, Some(g));
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
-        let [g_q2, _, _] = self.attn2.core_pullback_rows(&t.qkv2, &t.o2, g_o2, plan);
+        let [g_q2, _, _] = self.attn2.core_pullback(t.qkv2, t.o2, g_o2, plan);
         let g_n2 = self.attn2.pull_back_queries(g_q2);
         let g_x1 = self.norm2.pull_back(&t.x1, g_n2, Some(g_x2));
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
-        let g_qkv = self.attn1.core_pullback_rows(&t.qkv, &t.o, g_o, plan);
+        let g_qkv = self.attn1.core_pullback(t.qkv, t.o, g_o, plan);
         let g_n1 = self.attn1.pull_back_self_projections(g_qkv);
         self.norm1.pull_back(&t.x, g_n1, Some(g_x1))
     }
