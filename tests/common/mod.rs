@@ -104,26 +104,9 @@ pub fn load_tiny_as(device: &Device, dtype: DType) -> StableDiffusion {
 }
 
 /// The wgpu device for parity tests, or `None` (with the reason printed) when this machine has
-/// no Vulkan adapter. CI installs Mesa's lavapipe so the tests run there.
+/// no Vulkan adapter ([`dragonedit::device::test_gpu`]).
 pub fn wgpu_device() -> Option<Device> {
-    static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
-    let result = DEVICE.get_or_init(|| {
-        if std::env::var_os("DRAGONEDIT_SKIP_WGPU").is_some() {
-            return Err("DRAGONEDIT_SKIP_WGPU is set".into());
-        }
-        std::panic::catch_unwind(|| {
-            dragonedit::device::gpu(dragonedit::device::GraphicsApi::Vulkan)
-        })
-        .map_err(|_| "wgpu initialisation panicked".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-    });
-    match result {
-        Ok(d) => Some(d.clone()),
-        Err(reason) => {
-            println!("SKIPPED wgpu parity test: {reason}");
-            None
-        }
-    }
+    dragonedit::device::test_gpu()
 }
 
 /// The move fixture's photo and mask as a 256 px move edit: a 32x32 latent, so 1024-token
