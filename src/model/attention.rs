@@ -245,8 +245,8 @@ impl AttentionPlan {
                 let mut gv: Option<Tensor<3>> = None;
                 for q0 in (0..nq).step_by(plan.queries_per_chunk) {
                     let qn = plan.queries_per_chunk.min(nq - q0);
-                    let rows = |t: &Tensor<3>| t.clone().narrow(0, h0, hn).narrow(1, q0, qn);
-                    let (qc, oc, gc) = (rows(&q), rows(&o), rows(&g));
+                    let chunk = |t: &Tensor<3>| t.clone().narrow(0, h0, hn).narrow(1, q0, qn);
+                    let (qc, oc, gc) = (chunk(&q), chunk(&o), chunk(&g));
                     let p = softmax(qc.clone().matmul(k_t.clone()) * scale, 2);
                     let gv_part = p.clone().swap_dims(1, 2).matmul(gc.clone());
                     // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax Jacobian applied row by row.

@@ -31,6 +31,17 @@ pub enum Rows {
     Last,
 }
 
+impl Rows {
+    /// The extension's plain arguments for `x` `[b, m, n]`: the groups per batch item, and
+    /// whether the scale and shift run along the last axis (a layer norm's `m` one-row groups).
+    fn groups_and_last(self, x: &Tensor<3>) -> (usize, bool) {
+        match self {
+            Rows::Groups(groups) => (groups, false),
+            Rows::Last => (x.dims()[1], true),
+        }
+    }
+}
+
 /// `x` `[b, m, n]` normalised by [`Rows`] (biased variance, as PyTorch's norms), times
 /// `gamma` plus `beta`, then SiLU where `silu`; in `x`'s dtype, the statistics and the
 /// arithmetic in f32 whatever the dtypes of `x` and of `gamma` and `beta`. `x` may be a
@@ -43,10 +54,7 @@ pub fn normalize(
     eps: f64,
     silu: bool,
 ) -> Tensor<3> {
-    let (groups, last) = match rows {
-        Rows::Groups(groups) => (groups, false),
-        Rows::Last => (x.dims()[1], true),
-    };
+    let (groups, last) = rows.groups_and_last(&x);
     Tensor::from_dispatch(Dispatch::normalize(
         x.into_dispatch(),
         gamma.into_dispatch(),
@@ -63,8 +71,8 @@ pub fn normalize(
 /// `silu`), `rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))` per row. `g` may have more rows than `x`
 /// (one per energy, `x`'s batch repeated); `x`'s statistics are then taken again for each.
 /// `plus`, `g`'s shape, is added to the result where given: most callers sum the pull-back
-/// with the cotangent of a residual path, which is then no launch of its own. In `x`'s dtype, the
-/// arithmetic in f32; `x`, `g` and `plus` may be strided views.
+/// with the cotangent of a residual path, which is then no launch of its own. In `x`'s dtype,
+/// the arithmetic in f32; `x`, `g` and `plus` may be strided views.
 #[allow(clippy::too_many_arguments)]
 pub fn normalize_pull_back(
     x: Tensor<3>,
@@ -76,11 +84,12 @@ pub fn normalize_pull_back(
     silu: bool,
     plus: Option<Tensor<3>>,
 ) -> Tensor<3> {
-    let (groups, last) = match rows {
-        Rows::Groups(groups) => (groups, false),
-        Rows::Last => (x.dims()[1], true),
+    let (groups, last) = rows.groups_and_last(&x);
+    // Without a sum the kernel takes `g` in its place and reads nothing of it.
+    let (add, plus) = match plus {
+        Some(plus) => (true, plus),
+        None => (false, g.clone()),
     };
-    let g_again = g.clone();
     Tensor::from_dispatch(Dispatch::normalize_pull_back(
         x.into_dispatch(),
         g.into_dispatch(),
@@ -90,9 +99,8 @@ pub fn normalize_pull_back(
         last,
         eps,
         silu,
-        // Without a sum the kernel takes `g` in its place and reads nothing of it.
-        plus.is_some(),
-        plus.unwrap_or_else(|| g_again.clone()).into_dispatch(),
+        add,
+        plus.into_dispatch(),
     ))
 }
 
@@ -408,9 +416,7 @@ mod kernel {
         c
     }
 
-    /// The row's mean, then `1 / sqrt(variance + eps)`, the variance taken about the mean
-    /// in a second read rather than from the mean square: the difference of two large sums
-    /// loses the variance of a row far from zero.
+    /// The row's mean.
     #[cube]
     fn row_mean<E: Float>(
         input: &Tensor<E>,
@@ -428,6 +434,9 @@ mod kernel {
         cube_sum(partial, sum, units) / f32::cast_from(row.len)
     }
 
+    /// `1 / sqrt(variance + eps)`, the variance taken about the row's `mean` in a second
+    /// read rather than from the mean square: the difference of two large sums loses the
+    /// variance of a row far from zero.
     #[cube]
     fn row_rstd<E: Float>(
         input: &Tensor<E>,
@@ -447,6 +456,19 @@ mod kernel {
         }
         let var = cube_sum(partial, squares, units) / f32::cast_from(row.len);
         f32::new(1.0) / f32::sqrt(var + eps)
+    }
+
+    /// Row element `i` of `input` normalised, `x̂ = (x − mean) · rstd`.
+    #[cube]
+    fn normalized_at<E: Float>(
+        input: &Tensor<E>,
+        batch: usize,
+        row: &Row,
+        i: usize,
+        mean: f32,
+        rstd: f32,
+    ) -> f32 {
+        (f32::cast_from(input[at(input, batch, row, i)]) - mean) * rstd
     }
 
     /// One cube per row `(batch, group)` of `input` `[b, m, n]` (see `Row`); the scale and
@@ -475,7 +497,7 @@ mod kernel {
         let mut i = UNIT_POS as usize;
         while i < row.count {
             let c = channel(&row, i, last);
-            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
+            let x_hat = normalized_at(input, batch, &row, i, mean, rstd);
             let mut y = x_hat * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
             if silu {
                 y /= f32::new(1.0) + f32::exp(-y);
@@ -485,23 +507,35 @@ mod kernel {
         }
     }
 
-    /// `γ ⊙` the cotangent at the affine output `y = x̂ γ + β`, through SiLU where `silu`
-    /// (SiLU'(y) = σ(y) (1 + y (1 − σ(y)))).
+    /// `ĝ`, `γ ⊙` the cotangent of row element `i` at the affine output `y = x̂ γ + β`,
+    /// through SiLU where `silu` (SiLU'(y) = σ(y) (1 + y (1 − σ(y)))).
     #[cube]
-    fn scaled_cotangent(g: f32, x_hat: f32, gamma: f32, beta: f32, #[comptime] silu: bool) -> f32 {
-        let mut g_y = g;
+    #[allow(clippy::too_many_arguments)]
+    fn scaled_cotangent<G: Float, P: Float>(
+        cotangent: &Tensor<G>,
+        gamma: &Tensor<P>,
+        beta: &Tensor<P>,
+        row: &Row,
+        i: usize,
+        x_hat: f32,
+        #[comptime] last: bool,
+        #[comptime] silu: bool,
+    ) -> f32 {
+        let c = channel(row, i, last);
+        let scale = f32::cast_from(gamma[c]);
+        let mut g = f32::cast_from(cotangent[at(cotangent, row.batch, row, i)]);
         if silu {
-            let y = x_hat * gamma + beta;
+            let y = x_hat * scale + f32::cast_from(beta[c]);
             let s = f32::new(1.0) / (f32::new(1.0) + f32::exp(-y));
-            g_y = g * s * (f32::new(1.0) + y * (f32::new(1.0) - s));
+            g *= s * (f32::new(1.0) + y * (f32::new(1.0) - s));
         }
-        g_y * gamma
+        g * scale
     }
 
     /// One cube per row of the cotangent `g` `[b, m, n]`, plus `plus` (`g`'s shape) where
-    /// `add`; `input`'s
-    /// rows are its batch repeated, so a row's batch in `input` is the cotangent's modulo
-    /// `input`'s batch.
+    /// `add`; `input`'s rows are its batch repeated, so a row's batch in `input` is the
+    /// cotangent's modulo `input`'s batch. `x̂` and `ĝ` are read again for the output rather
+    /// than kept: a row can be 40960 values, far more than a cube's registers.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn norm_pull_back_kernel<E: Float, G: Float, P: Float, Q: Float>(
@@ -531,16 +565,8 @@ mod kernel {
         let mut sum_gx = f32::new(0.0);
         let mut i = UNIT_POS as usize;
         while i < row.count {
-            let c = channel(&row, i, last);
-            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
-            let g = f32::cast_from(cotangent[at(cotangent, row.batch, &row, i)]);
-            let g_hat = scaled_cotangent(
-                g,
-                x_hat,
-                f32::cast_from(gamma[c]),
-                f32::cast_from(beta[c]),
-                silu,
-            );
+            let x_hat = normalized_at(input, batch, &row, i, mean, rstd);
+            let g_hat = scaled_cotangent(cotangent, gamma, beta, &row, i, x_hat, last, silu);
             sum_g += g_hat;
             sum_gx += g_hat * x_hat;
             i += units;
@@ -550,16 +576,8 @@ mod kernel {
 
         i = UNIT_POS as usize;
         while i < row.count {
-            let c = channel(&row, i, last);
-            let x_hat = (f32::cast_from(input[at(input, batch, &row, i)]) - mean) * rstd;
-            let g = f32::cast_from(cotangent[at(cotangent, row.batch, &row, i)]);
-            let g_hat = scaled_cotangent(
-                g,
-                x_hat,
-                f32::cast_from(gamma[c]),
-                f32::cast_from(beta[c]),
-                silu,
-            );
+            let x_hat = normalized_at(input, batch, &row, i, mean, rstd);
+            let g_hat = scaled_cotangent(cotangent, gamma, beta, &row, i, x_hat, last, silu);
             let mut value = (g_hat - mean_g - x_hat * mean_gx) * rstd;
             if add {
                 value += f32::cast_from(plus[at(plus, row.batch, &row, i)]);
