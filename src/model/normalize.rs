@@ -184,12 +184,12 @@ pub trait NormOps: Backend {
     }
 }
 
-/// The pieces the trait's default bodies share, in f32.
-mod composed {
+/// The pieces the trait's default bodies share, in f32 (the attention pull-back's too).
+pub(crate) mod composed {
     use super::*;
 
     /// `t` in `dtype`, with no cast op when it already is.
-    pub(super) fn cast<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    pub(crate) fn cast<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
         if t.dtype() == dtype {
             t
         } else {
