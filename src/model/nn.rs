@@ -518,6 +518,11 @@ impl StackedLinear {
             .collect()
     }
 
+    /// `Σᵢ gᵢᵀ ∂layerᵢ/∂x` for `g` `[layers, m, out]`, one cotangent per layer: `[1, m, in]`.
+    pub fn pull_back(&self, g: Tensor<3>) -> Tensor<3> {
+        self.0.pull_back(g).sum_dim(0)
+    }
+
     /// Layer `i` alone: a view of its weight and bias.
     pub fn layer(&self, i: usize) -> Linear {
         Linear {

@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, activation::gelu};
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::AttentionPlan;
+use crate::model::attention_pullback::{attention_pull_back, runs_as_kernels};
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
 use crate::model::pullback::Kept;
 use crate::weights::Loader;
@@ -83,12 +84,14 @@ impl Attention {
         }
     }
 
-    /// `gᵀ ∂(q, k, v)/∂x` for projections of `x` alone (self-attention).
-    fn pull_back_self_projections(&self, [g_q, g_k, g_v]: [Tensor<3>; 3]) -> Tensor<3> {
-        let kv = usize::from(self.to_q.is_none());
-        self.pull_back_queries(g_q)
-            + self.stacked.layer(kv).pull_back(g_k)
-            + self.stacked.layer(kv + 1).pull_back(g_v)
+    /// `gᵀ ∂(q, k, v)/∂x` for projections of `x` alone (self-attention), from the gradients
+    /// `[3, rows, n, C]` of q, k and v: one batched product with the stacked weights and a sum.
+    fn pull_back_self_projections(&self, g_qkv: Tensor<4>) -> Tensor<3> {
+        debug_assert!(self.to_q.is_none(), "self-attention stacks q with k and v");
+        let [parts, rows, n, c] = g_qkv.dims();
+        let g = self.stacked.pull_back(g_qkv.reshape([parts, rows * n, c]));
+        let width = g.dims()[2];
+        g.reshape([rows, n, width])
     }
 
     /// `gᵀ ∂q/∂x`.
@@ -109,17 +112,23 @@ impl Attention {
         ))
     }
 
-    /// Gradients of [`core`](Self::core) with respect to q, k and v, given its output `o` and
-    /// the gradient `g` at it (chunked recomputation, [`AttentionPlan::attend_pullback`]).
-    /// `g` may have a multiple of the kept tensors' rows (one per energy); the kept tensors
-    /// are laid out by heads once for all of them, never copied to the wider batch.
+    /// Gradients of [`core`](Self::core) with respect to q, k and v, `[3, rows, n, C]`, given
+    /// its output `o` and the gradient `g` `[rows, n, C]` at it; with `keys` false only the
+    /// queries', `[1, rows, n, C]`. `g` may have a multiple of the kept tensors' rows (one per
+    /// energy). On a GPU the two kernels of [`attention_pull_back`] read the tokens where they
+    /// stand; elsewhere the chunked recomputation ([`AttentionPlan::attend_pullback`]) lays
+    /// them out by heads once for all rows and always computes all three.
     fn core_pullback(
         &self,
         [q, k, v]: [Tensor<3>; 3],
         o: Tensor<3>,
         g: Tensor<3>,
         plan: &AttentionPlan,
-    ) -> [Tensor<3>; 3] {
+        keys: bool,
+    ) -> Tensor<4> {
+        if runs_as_kernels(&q.device()) {
+            return attention_pull_back(q, k, v, o, g, self.heads, keys);
+        }
         let (gq, gk, gv) = plan.attend_pullback(
             self.split_heads(q),
             self.split_heads(k),
@@ -127,7 +136,8 @@ impl Attention {
             self.split_heads(o),
             self.split_heads(g),
         );
-        [gq, gk, gv].map(Self::merge_heads)
+        let parts = if keys { vec![gq, gk, gv] } else { vec![gq] };
+        Tensor::stack(parts.into_iter().map(Self::merge_heads).collect(), 0)
     }
 
     /// Attention of `x` `[B, N, C]` over `context` (or itself).
@@ -249,8 +259,14 @@ impl TransformerBlock {
     /// `gᵀ ∂block/∂x` from a [`trace`](Self::trace) of the block at `x`.
     fn pull_back(&self, trace: BlockTrace, g: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
         let [g_o, g_residual] = trace.rest.pull_back(g);
-        let g_qkv = self.attn1.core_pullback(trace.qkv, trace.o, g_o, plan);
-        let [g_projections] = trace.projections.pull_back(Tensor::cat(g_qkv.to_vec(), 2));
+        let g_qkv = self
+            .attn1
+            .core_pullback(trace.qkv, trace.o, g_o, plan, true);
+        let [_, rows, n, c] = g_qkv.dims();
+        let side_by_side = (0..3).map(|i| g_qkv.clone().narrow(0, i, 1).reshape([rows, n, c]));
+        let [g_projections] = trace
+            .projections
+            .pull_back(Tensor::cat(side_by_side.collect(), 2));
         g_residual + g_projections
     }
 }
@@ -299,12 +315,13 @@ impl TransformerBlock {
         let g_x2 = self.norm3.pull_back(&t.x2, g_n3, Some(g));
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
-        let [g_q2, _, _] = self.attn2.core_pullback(t.qkv2, t.o2, g_o2, plan);
-        let g_n2 = self.attn2.pull_back_queries(g_q2);
+        let g_q2 = self.attn2.core_pullback(t.qkv2, t.o2, g_o2, plan, false);
+        let [_, rows, n, c] = g_q2.dims();
+        let g_n2 = self.attn2.pull_back_queries(g_q2.reshape([rows, n, c]));
         let g_x1 = self.norm2.pull_back(&t.x1, g_n2, Some(g_x2));
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
-        let g_qkv = self.attn1.core_pullback(t.qkv, t.o, g_o, plan);
+        let g_qkv = self.attn1.core_pullback(t.qkv, t.o, g_o, plan, true);
         let g_n1 = self.attn1.pull_back_self_projections(g_qkv);
         self.norm1.pull_back(&t.x, g_n1, Some(g_x1))
     }
