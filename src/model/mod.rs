@@ -2,10 +2,10 @@
 //! tokenizer, plus the model-folder layout they are read from.
 
 pub mod attention;
-pub mod attention_pullback;
 pub mod clip;
 pub mod config;
 pub mod conv_choice;
+pub mod flash_attention;
 pub mod folder;
 pub mod nn;
 pub mod normalize;

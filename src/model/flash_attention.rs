@@ -1,20 +1,22 @@
-//! The pull-back of multi-head attention, `softmax(q kᵀ / √d) v`, as two kernels of our own
-//! that never write a score: the recomputation-based backward of FlashAttention (Dao, 2023).
+//! Multi-head attention, `softmax(q kᵀ / √d) v`, and its pull-back as kernels of our own that
+//! never write a score: FlashAttention's forward and its recomputing backward (Dao, 2023).
 //!
-//! Composed of burn's ops (what [`AttentionPlan::attend_pullback`] does) a 64x64
-//! self-attention's pull-back materialises a 4096x4096 score chunk per head, its softmax and
-//! two more chunks of the same size, in about ten launches per chunk, around copies that lay
-//! the tokens out by heads and back. Here one kernel walks the keys for each query, keeping the
-//! softmax's running maximum and sum (so it needs no first pass for them), and writes the
-//! queries' gradient and each query's log-sum-exp; a second walks the queries for each key and
-//! writes the keys' and values' gradients. Both read `[b, n, heads · d]` tokens where they
+//! Composed of burn's ops (what [`AttentionPlan`] does) a 64x64 self-attention materialises a
+//! 4096x4096 score chunk per head, and its pull-back that chunk's softmax and two more of the
+//! same size, in about ten launches per chunk, around copies that lay the tokens out by heads
+//! and back. Here the forward is one kernel: a unit per query walks the keys, keeping the
+//! softmax's running maximum and sum (rescaling what it summed when a larger score comes), so
+//! one pass over the keys is enough. The pull-back is two: the same walk per query for the
+//! queries' gradient, which also writes each query's log-sum-exp, then a walk over the queries
+//! per key for the keys' and values' gradients. All read `[b, n, heads · d]` tokens where they
 //! stand (strided views included) and stage a tile of the other side's rows in workgroup
 //! memory, sized under WebGPU's guaranteed 16 KiB.
 //!
-//! The composition stays for burn's CPU backend and for tensors that autodiff tracks; on those
-//! the caller keeps using the chunked pull-back, which bounds its memory.
+//! The trait's default bodies (burn's CPU backend, autodiff-tracked tensors) compose burn's
+//! ops with every score of a call at once; callers keep [`AttentionPlan`]'s chunks there,
+//! which bound the memory.
 //!
-//! [`AttentionPlan::attend_pullback`]: crate::model::attention::AttentionPlan::attend_pullback
+//! [`AttentionPlan`]: crate::model::attention::AttentionPlan
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::cubecl::dtype_to_storage_type;
@@ -62,10 +64,34 @@ pub fn attention_pull_back(
     ))
 }
 
-/// Whether [`attention_pull_back`] runs as the kernels on `device`: a cubecl GPU, not autodiff
-/// (where the composition would hold every score at once).
-pub fn runs_as_kernels(device: &burn::tensor::Device) -> bool {
-    matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+/// Multi-head attention `softmax(q kᵀ / √d) v` of `q` `[b, nq, c]` over `k`, `v` `[b, nk, c]`,
+/// tokens with `heads` heads side by side along the features, as one kernel that never writes
+/// a score: `[b, nq, c]`, contiguous, in `q`'s dtype, the arithmetic in f32. The inputs may be
+/// strided views.
+pub fn flash_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    debug_assert_eq!(
+        q.dims()[0],
+        k.dims()[0],
+        "keys and values of every query row"
+    );
+    Tensor::from_dispatch(Dispatch::flash_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        heads,
+    ))
+}
+
+/// The widest head the kernels take: a unit keeps a head's rows in registers (four of them in
+/// the key kernel), and SD 1.5's widest is 160.
+pub const WIDEST_HEAD: usize = 160;
+
+/// Whether [`flash_attention`] and [`attention_pull_back`] run as kernels on `device` for heads
+/// `head_width` wide: a cubecl GPU, not autodiff (where the trait's composition would hold
+/// every score of a call at once), heads no wider than [`WIDEST_HEAD`].
+pub fn runs_as_kernels(device: &burn::tensor::Device, head_width: usize) -> bool {
+    head_width <= WIDEST_HEAD
+        && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
 }
 
 fn pull_back_shape(
@@ -80,8 +106,28 @@ fn pull_back_shape(
     Shape::new([if *keys { 3 } else { 1 }, g[0], q[1], q[2]])
 }
 
+fn forward_shape(q: &Shape, _k: &Shape, v: &Shape, _heads: &usize) -> Shape {
+    Shape::new([q[0], q[1], v[2]])
+}
+
 #[backend_extension(Cube, Fusion, Flex: cfg(not(target_family = "wasm")), Autodiff)]
-pub trait AttentionPullBackOps: Backend {
+pub trait FlashAttentionOps: Backend {
+    /// See [`flash_attention`]. The default composes burn's ops with every score of the call
+    /// materialised; the GPU runs one kernel.
+    #[fusion(dtype = q, shape = forward_shape(q, k, v, heads))]
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        let (dtype, rows) = (q.dtype(), q.shape()[0]);
+        let by_heads = |t| composed::by_heads::<Self>(t, rows, heads);
+        let (q, k, v) = (by_heads(q), by_heads(k), by_heads(v));
+        let o = Self::float_matmul(composed::probabilities::<Self>(q, k).0, v);
+        cast::<Self>(composed::as_tokens::<Self>(o), dtype)
+    }
+
     /// See [`attention_pull_back`]. The default composes burn's ops with every score of the
     /// call materialised; the GPU runs two kernels.
     #[fusion(dtype = q, shape = pull_back_shape(q, k, v, o, g, heads, keys))]
@@ -94,21 +140,8 @@ pub trait AttentionPullBackOps: Backend {
         heads: usize,
         keys: bool,
     ) -> FloatTensor<Self> {
-        let dtype = q.dtype();
-        let rows = g.shape()[0];
-        let d = q.shape()[2] / heads;
-        // [rows, heads, n, d] in f32, the kept tensors' batch repeated to the cotangent's rows.
-        let by_heads = |t: FloatTensor<Self>| {
-            let shape = t.shape();
-            let t = cast::<Self>(t, DType::F32);
-            let t = if shape[0] == rows {
-                t
-            } else {
-                Self::float_repeat_dim(t, 0, rows / shape[0])
-            };
-            let t = Self::float_reshape(t, Shape::new([rows, shape[1], heads, d]));
-            Self::float_swap_dims(t, 1, 2)
-        };
+        let (dtype, rows) = (q.dtype(), g.shape()[0]);
+        let by_heads = |t| composed::by_heads::<Self>(t, rows, heads);
         let transposed = |t: FloatTensor<Self>| Self::float_swap_dims(t, 2, 3);
         let (q, k, v, o, g) = (
             by_heads(q),
@@ -117,17 +150,12 @@ pub trait AttentionPullBackOps: Backend {
             by_heads(o),
             by_heads(g),
         );
-        let scale = Scalar::from((d as f64).powf(-0.5));
-        let s = Self::float_mul_scalar(Self::float_matmul(q.clone(), transposed(k.clone())), scale);
-        let e = Self::float_exp(Self::float_sub(s.clone(), Self::float_max_dim(s, 3)));
-        let p = Self::float_div(e.clone(), Self::float_sum_dim(e, 3));
+        let (p, scale) = composed::probabilities::<Self>(q.clone(), k.clone());
         // dS = P ⊙ (dP − rowsum(dO ⊙ O)), the softmax Jacobian applied row by row.
         let delta = Self::float_sum_dim(Self::float_mul(g.clone(), o), 3);
         let dp = Self::float_matmul(g.clone(), transposed(v));
-        let ds = Self::float_mul_scalar(
-            Self::float_mul(p.clone(), Self::float_sub(dp, delta)),
-            scale,
-        );
+        let ds = Self::float_mul(p.clone(), Self::float_sub(dp, delta));
+        let ds = Self::float_mul_scalar(ds, scale);
         let mut parts = vec![Self::float_matmul(ds.clone(), k)];
         if keys {
             parts.push(Self::float_matmul(transposed(ds), q));
@@ -136,22 +164,62 @@ pub trait AttentionPullBackOps: Backend {
         let parts = parts
             .into_iter()
             .map(|t| {
-                let [_, _, n, _] = t.shape().dims();
-                let tokens = Self::float_swap_dims(t, 1, 2);
-                Self::float_reshape(tokens, Shape::new([1, rows, n, heads * d]))
+                let tokens = composed::as_tokens::<Self>(t);
+                let [rows, n, c] = tokens.shape().dims();
+                Self::float_reshape(tokens, Shape::new([1, rows, n, c]))
             })
             .collect();
         cast::<Self>(Self::float_cat(parts, 0), dtype)
     }
 }
 
-#[cfg(not(target_family = "wasm"))]
-impl AttentionPullBackOps for burn::backend::Flex {}
+/// The pieces the trait's default bodies share, in f32.
+mod composed {
+    use super::*;
 
-impl<B: Backend + AttentionPullBackOps, C: CheckpointStrategy> AttentionPullBackOps
-    for Autodiff<B, C>
-{
+    /// `t` `[b, n, heads · d]` as `[rows, heads, n, d]` in f32, its batch repeated to `rows`.
+    pub(super) fn by_heads<B: Backend>(
+        t: FloatTensor<B>,
+        rows: usize,
+        heads: usize,
+    ) -> FloatTensor<B> {
+        let shape = t.shape();
+        let t = cast::<B>(t, DType::F32);
+        let t = if shape[0] == rows {
+            t
+        } else {
+            B::float_repeat_dim(t, 0, rows / shape[0])
+        };
+        let t = B::float_reshape(t, Shape::new([rows, shape[1], heads, shape[2] / heads]));
+        B::float_swap_dims(t, 1, 2)
+    }
+
+    /// `[rows, heads, n, d]` back to tokens `[rows, n, heads · d]`.
+    pub(super) fn as_tokens<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
+        let [rows, heads, n, d] = t.shape().dims();
+        B::float_reshape(
+            B::float_swap_dims(t, 1, 2),
+            Shape::new([rows, n, heads * d]),
+        )
+    }
+
+    /// `softmax(q kᵀ · scale)` over the keys for `[rows, heads, n, d]` inputs, and the scale
+    /// `1 / √d`.
+    pub(super) fn probabilities<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+    ) -> (FloatTensor<B>, Scalar) {
+        let scale = Scalar::from((q.shape()[3] as f64).powf(-0.5));
+        let s = B::float_mul_scalar(B::float_matmul(q, B::float_swap_dims(k, 2, 3)), scale);
+        let e = B::float_exp(B::float_sub(s.clone(), B::float_max_dim(s, 3)));
+        (B::float_div(e.clone(), B::float_sum_dim(e, 3)), scale)
+    }
 }
+
+#[cfg(not(target_family = "wasm"))]
+impl FlashAttentionOps for burn::backend::Flex {}
+
+impl<B: Backend + FlashAttentionOps, C: CheckpointStrategy> FlashAttentionOps for Autodiff<B, C> {}
 
 /// Units per cube: each takes one query (or key) row of one head.
 const UNITS: usize = 64;
@@ -167,7 +235,62 @@ fn rows_per_tile(d: usize) -> usize {
     (1usize << fit.max(1).ilog2()).min(64)
 }
 
-impl AttentionPullBackOps for CubeBackend {
+/// How the kernels launch for `rows` (cotangent or batch) rows of `heads` heads of width `d`:
+/// a cube of [`UNITS`] units per block of rows of one (row, head), the tile's rows, the scale.
+struct Launch {
+    cube_dim: CubeDim,
+    row_heads: usize,
+    tile: usize,
+    scale: f32,
+}
+
+impl Launch {
+    fn new(rows: usize, heads: usize, d: usize) -> Self {
+        Self {
+            cube_dim: CubeDim::new_1d(UNITS as u32),
+            row_heads: rows * heads,
+            tile: rows_per_tile(d),
+            scale: (d as f32).powf(-0.5),
+        }
+    }
+
+    /// Cubes for `n` query (or key) rows per (row, head).
+    fn grid(&self, n: usize) -> CubeCount {
+        CubeCount::Static(n.div_ceil(UNITS) as u32, self.row_heads as u32, 1)
+    }
+}
+
+impl FlashAttentionOps for CubeBackend {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        let [q, k, v] = [q, k, v].map(untile);
+        let shape = forward_shape(q.meta.shape(), k.meta.shape(), v.meta.shape(), &heads);
+        let (rows, nq, d) = (shape[0], shape[1], shape[2] / heads);
+        let at = Launch::new(rows, heads, d);
+        let output =
+            empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, q.dtype);
+        kernel::forward_kernel::launch(
+            &q.client,
+            at.grid(nq),
+            at.cube_dim,
+            q.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            heads,
+            at.scale,
+            d,
+            at.tile,
+            UNITS,
+            dtype_to_storage_type(q.dtype),
+        );
+        output
+    }
+
     fn attention_pull_back(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -181,6 +304,7 @@ impl AttentionPullBackOps for CubeBackend {
         let (nq, c) = (q.meta.shape()[1], q.meta.shape()[2]);
         let (nk, rows) = (k.meta.shape()[1], g.meta.shape()[0]);
         let d = c / heads;
+        let at = Launch::new(rows, heads, d);
         let (client, device) = (q.client.clone(), q.device.clone());
         let parts = if keys { 3 } else { 1 };
         let output = empty_device_contiguous_dtype(
@@ -196,15 +320,11 @@ impl AttentionPullBackOps for CubeBackend {
             Shape::new([rows * heads * nq, 2]),
             DType::F32,
         );
-        let tile = rows_per_tile(d);
-        let scale = (d as f32).powf(-0.5);
-        let cube_dim = CubeDim::new_1d(UNITS as u32);
-        let grid = |n: usize| CubeCount::Static(n.div_ceil(UNITS) as u32, (rows * heads) as u32, 1);
         let dtypes = [q.dtype, g.dtype].map(dtype_to_storage_type);
         kernel::query_pull_back_kernel::launch(
             &client,
-            grid(nq),
-            cube_dim,
+            at.grid(nq),
+            at.cube_dim,
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
             v.clone().into_tensor_arg(),
@@ -213,17 +333,17 @@ impl AttentionPullBackOps for CubeBackend {
             output.clone().into_tensor_arg(),
             stats.clone().into_tensor_arg(),
             heads,
-            scale,
+            at.scale,
             d,
-            tile,
+            at.tile,
             UNITS,
             dtypes,
         );
         if keys {
             kernel::key_pull_back_kernel::launch(
                 &client,
-                grid(nk),
-                cube_dim,
+                at.grid(nk),
+                at.cube_dim,
                 q.into_tensor_arg(),
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
@@ -231,9 +351,9 @@ impl AttentionPullBackOps for CubeBackend {
                 stats.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 heads,
-                scale,
+                at.scale,
                 d,
-                tile,
+                at.tile,
                 UNITS,
                 dtypes,
             );
@@ -342,6 +462,96 @@ mod kernel {
             sum += row[c] * staged[j * dim + c];
         }
         sum
+    }
+
+    /// One unit per (batch item, head, query): `o = Σⱼ pⱼ vⱼ` with `pⱼ = softmax(scale · q kᵀ)ⱼ`,
+    /// the softmax's maximum `m` and sum `l` running along the keys as in the query pull-back
+    /// kernel: what was summed is rescaled by `exp(m_old − m_new)` when a larger score comes,
+    /// and divided by `l` at the end. Writes `output` `[b, nq, c]`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_kernel<E: Float>(
+        q: &Tensor<E>,
+        k: &Tensor<E>,
+        v: &Tensor<E>,
+        output: &mut Tensor<E>,
+        heads: usize,
+        scale: f32,
+        #[comptime] dim: usize,
+        #[comptime] tile: usize,
+        #[comptime] units: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let nq = q.shape(1);
+        let nk = k.shape(1);
+        let at_ = place(nq, q.shape(0), heads, units, dim);
+        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
+        let mut acc = Array::<f32>::new(dim);
+        for c in 0..dim {
+            acc[c] = f32::new(0.0);
+        }
+        let mut max = f32::new(-1.0e30);
+        let mut sum = f32::new(0.0);
+
+        let mut staged_k = Shared::<[f32]>::new_slice(tile * dim);
+        let mut staged_v = Shared::<[f32]>::new_slice(tile * dim);
+        let mut start = 0usize;
+        while start < nk {
+            stage(
+                k,
+                at_.batch,
+                at_.first,
+                start,
+                nk,
+                &mut staged_k,
+                dim,
+                tile,
+                units,
+            );
+            stage(
+                v,
+                at_.batch,
+                at_.first,
+                start,
+                nk,
+                &mut staged_v,
+                dim,
+                tile,
+                units,
+            );
+            sync_cube();
+            let mut count = nk - start;
+            if count > tile {
+                count = tile;
+            }
+            if at_.active {
+                for j in 0..count {
+                    let s = dot(&query, &staged_k, j, dim);
+                    if s > max {
+                        let rescale = f32::exp(max - s);
+                        sum *= rescale;
+                        for c in 0..dim {
+                            acc[c] *= rescale;
+                        }
+                        max = s;
+                    }
+                    let p = f32::exp(s - max);
+                    sum += p;
+                    for c in 0..dim {
+                        acc[c] += p * staged_v[j * dim + c];
+                    }
+                }
+            }
+            sync_cube();
+            start += tile;
+        }
+
+        if at_.active {
+            let base = (at_.batch * nq + at_.index) * output.shape(2) + at_.first;
+            for c in 0..dim {
+                output[base + c] = E::cast_from(acc[c] / sum);
+            }
+        }
     }
 
     /// One unit per (cotangent row, head, query): `dq = scale · Σⱼ pⱼ (dpⱼ − δ) kⱼ`, with
@@ -584,6 +794,52 @@ mod tests {
         let o = plan.attend_chunked(split(q), split(k), split(v), false);
         let [b, h, n, d] = o.dims();
         o.swap_dims(1, 2).reshape([b, n, h * d])
+    }
+
+    /// The forward kernel, and the trait's default body (reached through autodiff-tracked
+    /// inputs), against attention in score chunks in f32 on the same GPU and the same
+    /// (rounded) inputs: keys off the tile and queries off the cube sizes, d = 8, 40 and 160,
+    /// q, k, v slices of stacked products. Relative to the largest output. In f32 the sums
+    /// differ in order and in the running softmax's rescalings, a few f32 steps: 1e-5. With f16
+    /// inputs both compute in f32 and the kernel rounds its result once, by up to an f16 step
+    /// (2^-10 of the value) more for the largest: 2e-3 allows two.
+    #[test]
+    fn forward_kernel_equals_chunks() {
+        let Some(device) = crate::device::test_gpu() else {
+            return;
+        };
+        // (batch, heads, queries, keys, d)
+        let cases = [(2, 2, 70, 77, 8), (1, 3, 37, 37, 40), (1, 1, 20, 20, 160)];
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::F16, 2e-3)] {
+            for (b, heads, nq, nk, d) in cases {
+                let c = heads * d;
+                let q = wave([b, nq, 2 * c], 0.37, &device)
+                    .cast(dtype)
+                    .narrow(2, c, c);
+                let context = wave([b, nk, 2 * c], 0.53, &device).cast(dtype);
+                let (k, v) = (context.clone().narrow(2, 0, c), context.narrow(2, c, c));
+                let f32_of = |t: &Tensor<3>| t.clone().cast(DType::F32);
+                let want = attention(f32_of(&q), f32_of(&k), f32_of(&v), heads);
+                let scale = want.clone().abs().max().into_scalar::<f32>();
+                let ours = flash_attention(q.clone(), k.clone(), v.clone(), heads);
+                let tracked = |t: &Tensor<3>| t.clone().autodiff();
+                let composed = flash_attention(tracked(&q), tracked(&k), tracked(&v), heads)
+                    .without_autodiff();
+                for (name, got) in [("kernel", ours), ("composition", composed)] {
+                    assert_eq!(got.dims(), [b, nq, c], "{name}");
+                    assert_eq!(got.dtype(), dtype, "{name}");
+                    let diff = (got.cast(DType::F32) - want.clone())
+                        .abs()
+                        .max()
+                        .into_scalar::<f32>();
+                    assert!(
+                        diff <= tolerance * scale,
+                        "{name} {dtype:?} b {b} heads {heads} {nq}x{nk} d {d}: differs by \
+                         {diff} of {scale}"
+                    );
+                }
+            }
+        }
     }
 
     /// In f32, the kernels and the composition the trait's default body makes (reached
