@@ -30,8 +30,8 @@ impl Default for AttentionPlan {
 /// How attention is computed where no gradient flows through it, for the whole process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionStrategy {
-    /// [`Fused`](AttentionStrategy::Fused) on a native GPU, else
-    /// [`Chunked`](AttentionStrategy::Chunked).
+    /// [`Fused`](AttentionStrategy::Fused) on a native GPU, [`Kernel`](AttentionStrategy::Kernel)
+    /// in the browser, else [`Chunked`](AttentionStrategy::Chunked).
     #[default]
     Auto,
     /// Score chunks under [`AttentionPlan::max_score_bytes`], softmax, matmul.
@@ -40,6 +40,9 @@ pub enum AttentionStrategy {
     /// writes the scores. Not in the browser, where burn runs without autotune and the op
     /// materialises every score (BURN.md §4).
     Fused,
+    /// The UNet's attention as our own flash kernel (`flash_attention`) on a GPU, the rest in
+    /// score chunks. `Auto` takes it in the browser.
+    Kernel,
 }
 
 static ATTENTION_STRATEGY: AtomicU8 = AtomicU8::new(0);
@@ -56,9 +59,21 @@ pub fn uses_fused(q: &Tensor<4>) -> bool {
     // first: it spares the device query on the guidance's hot path.
     !q.is_autodiff()
         && match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
-            1 => false,
+            1 | 3 => false,
             2 => true,
             _ => crate::device::is_native_gpu(&q.device()),
+        }
+}
+
+/// Whether the UNet's attention of `q` `[b, n, heads · d]` runs as our own flash kernel
+/// (`flash_attention`): where the device runs it (a GPU, not under autodiff), with the
+/// strategy [`Kernel`](AttentionStrategy::Kernel), or `Auto` in the browser, where burn's fused
+/// op would materialise every score.
+pub fn uses_kernel(q: &Tensor<3>, heads: usize) -> bool {
+    crate::model::flash_attention::runs_as_kernels(&q.device(), q.dims()[2] / heads)
+        && match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
+            0 => cfg!(target_family = "wasm"),
+            strategy => strategy == AttentionStrategy::Kernel as u8,
         }
 }
 

@@ -5,8 +5,8 @@ use burn::tensor::{Tensor, activation::gelu};
 
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
-use crate::model::attention::AttentionPlan;
-use crate::model::attention_pullback::{attention_pull_back, runs_as_kernels};
+use crate::model::attention::{AttentionPlan, uses_kernel};
+use crate::model::flash_attention::{attention_pull_back, flash_attention, runs_as_kernels};
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
 use crate::model::pullback::Kept;
 use crate::weights::Loader;
@@ -104,6 +104,9 @@ impl Attention {
 
     /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
     fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
+        if uses_kernel(&q, self.heads) {
+            return flash_attention(q, k, v, self.heads);
+        }
         Self::merge_heads(plan.attend(
             self.split_heads(q),
             self.split_heads(k),
@@ -126,7 +129,7 @@ impl Attention {
         plan: &AttentionPlan,
         keys: bool,
     ) -> Tensor<4> {
-        if runs_as_kernels(&q.device()) {
+        if runs_as_kernels(&q.device(), q.dims()[2] / self.heads) {
             return attention_pull_back(q, k, v, o, g, self.heads, keys);
         }
         let (gq, gk, gv) = plan.attend_pullback(
