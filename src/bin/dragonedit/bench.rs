@@ -11,7 +11,10 @@ use ::image::{Rgb, RgbImage};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
 use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, InversionCache, guidance};
-use dragonedit::model::attention::{AttentionStrategy, set_attention_strategy, uses_fused};
+use dragonedit::model::attention::{
+    AttentionStrategy, set_attention_strategy, uses_fused, uses_kernel,
+};
+use dragonedit::model::flash_attention::runs_as_kernels;
 use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
@@ -118,6 +121,7 @@ pub enum AttentionArg {
     Auto,
     Chunked,
     Fused,
+    Kernel,
 }
 
 impl From<AttentionArg> for AttentionStrategy {
@@ -126,6 +130,7 @@ impl From<AttentionArg> for AttentionStrategy {
             AttentionArg::Auto => AttentionStrategy::Auto,
             AttentionArg::Chunked => AttentionStrategy::Chunked,
             AttentionArg::Fused => AttentionStrategy::Fused,
+            AttentionArg::Kernel => AttentionStrategy::Kernel,
         }
     }
 }
@@ -410,6 +415,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         },
         if uses_fused(&z) {
             "burn's fused op"
+        } else if uses_kernel(&Tensor::<3>::zeros([1, 1, 1], &device), 1) {
+            "our flash kernel in the UNet, score chunks elsewhere"
         } else {
             "score chunks"
         },
@@ -437,16 +444,22 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
     )?);
     if uses_fused(&z) {
-        // The same pass with the attention of the browser build, for the fused op's share.
-        set_attention_strategy(AttentionStrategy::Chunked);
-        let row = measure(
-            &format!("UNet forward, batch 1, {lh}x{lw} latent, attention in score chunks"),
-            plan,
-            &device,
-            || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
-        );
-        set_attention_strategy(args.attention.into());
-        rows.extend(row?);
+        // The same pass with the other two ways, for the fused op's share: score chunks (the
+        // CPU's) and our flash kernel (the browser's).
+        for (strategy, way) in [
+            (AttentionStrategy::Chunked, "attention in score chunks"),
+            (AttentionStrategy::Kernel, "attention by our flash kernel"),
+        ] {
+            set_attention_strategy(strategy);
+            let row = measure(
+                &format!("UNet forward, batch 1, {lh}x{lw} latent, {way}"),
+                plan,
+                &device,
+                || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
+            );
+            set_attention_strategy(args.attention.into());
+            rows.extend(row?);
+        }
     }
     rows.extend(measure(
         &format!("UNet forward, batch 2 (CFG), {lh}x{lw}"),
@@ -596,6 +609,18 @@ fn op_rows(
         format!("op: conv3x3 320->320, [2,320,{lh},{lw}], im2col + matmul"),
         format!("op: attention core, [2,8,{},40], score chunks", lh * lw),
         format!("op: attention core, [2,8,{},40], burn's fused op", lh * lw),
+        format!(
+            "op: attention core, [2,8,{},40], flash kernel of our own",
+            lh * lw
+        ),
+        format!(
+            "op: attention pull-back, 2 rows of [1,8,{},40], score chunks",
+            lh * lw
+        ),
+        format!(
+            "op: attention pull-back, 2 rows of [1,8,{},40], kernels of our own",
+            lh * lw
+        ),
     ];
     if !names.iter().any(|n| plan.selects(n)) {
         return Ok(Vec::new());
@@ -638,10 +663,64 @@ fn op_rows(
         relative(gemm.forward(x.clone()), direct.forward(x))?,
         relative(
             attend_fused(q.clone(), k.clone(), v.clone()),
-            attention.attend_chunked(q, k, v, false)
+            attention.attend_chunked(q.clone(), k.clone(), v.clone(), false)
         )?,
     );
+    if runs_as_kernels(device, 40) {
+        rows.extend(kernel_rows(&names[4..], plan, device, [q, k, v], &read)?);
+    }
     Ok(rows)
+}
+
+/// The attention kernels of our own against score chunks, forward and pull-back, with the
+/// guidance's two cotangent rows per kept row, as `op_rows` lays out its attention inputs.
+fn kernel_rows(
+    names: &[String],
+    plan: Plan,
+    device: &Device,
+    [q, k, v]: [Tensor<4>; 3],
+    read: &impl Fn(Tensor<4>) -> Result<()>,
+) -> Result<Vec<Row>> {
+    use dragonedit::model::attention::AttentionPlan;
+    use dragonedit::model::flash_attention::{attention_pull_back, flash_attention};
+
+    let heads = q.dims()[1];
+    let [qt, kt, vt] = [&q, &k, &v].map(tokens_of);
+    let attention = AttentionPlan::default();
+    let mut rows = Vec::new();
+    rows.extend(measure(&names[0], plan, device, || {
+        read(flash_attention(qt.clone(), kt.clone(), vt.clone(), heads).unsqueeze())
+    })?);
+    // One kept row (the lean guidance's), two cotangent rows (its two energies).
+    let one = |t: &Tensor<4>| t.clone().narrow(0, 0, 1);
+    let (q1, k1, v1) = (one(&q), one(&k), one(&v));
+    let o1 = attention.attend_chunked(q1.clone(), k1.clone(), v1.clone(), false);
+    let g = Tensor::cat(vec![o1.clone(), o1.clone().mul_scalar(-0.5)], 0);
+    rows.extend(measure(&names[1], plan, device, || {
+        let (gq, gk, gv) =
+            attention.attend_pullback(q1.clone(), k1.clone(), v1.clone(), o1.clone(), g.clone());
+        read((gq.sum() + gk.sum() + gv.sum()).reshape([1, 1, 1, 1]))
+    })?);
+    let [q1t, k1t, v1t, o1t, gt] = [&q1, &k1, &v1, &o1, &g].map(tokens_of);
+    rows.extend(measure(&names[2], plan, device, || {
+        let out = attention_pull_back(
+            q1t.clone(),
+            k1t.clone(),
+            v1t.clone(),
+            o1t.clone(),
+            gt.clone(),
+            heads,
+            true,
+        );
+        read(out)
+    })?);
+    Ok(rows)
+}
+
+/// `[b, heads, n, d]` as tokens `[b, n, heads · d]`.
+fn tokens_of(t: &Tensor<4>) -> Tensor<3> {
+    let [b, heads, n, d] = t.dims();
+    t.clone().swap_dims(1, 2).reshape([b, n, heads * d])
 }
 
 fn device_name(device: &Device) -> String {
