@@ -464,35 +464,43 @@ mod kernel {
         sum
     }
 
-    /// One unit per (batch item, head, query): `o = Σⱼ pⱼ vⱼ` with `pⱼ = softmax(scale · q kᵀ)ⱼ`,
-    /// the softmax's maximum `m` and sum `l` running along the keys as in the query pull-back
-    /// kernel: what was summed is rescaled by `exp(m_old − m_new)` when a larger score comes,
-    /// and divided by `l` at the end. Writes `output` `[b, nq, c]`.
-    #[cube(launch)]
+    /// What a unit's walk over the keys leaves: the largest scaled score `max`, `sum =
+    /// Σⱼ exp(sⱼ − max)`, and `acc = Σⱼ exp(sⱼ − max) · xⱼ`, with `xⱼ = vⱼ` (the forward) or,
+    /// with `pull_back`, `xⱼ = (g · vⱼ − δ) kⱼ` (the queries' gradient).
+    #[derive(CubeType)]
+    struct Walk {
+        max: f32,
+        sum: f32,
+        acc: Array<f32>,
+    }
+
+    /// Walks the keys and values of the unit's (batch item, head) a tile at a time, the cube
+    /// staging each tile in workgroup memory, for the unit's `query` (already scaled). The
+    /// softmax's maximum and sum run along: when a larger score comes, what was summed is
+    /// rescaled by `exp(max_old − max_new)`, so one pass is enough. Every unit, active or not,
+    /// meets the barriers; the loop's bound is the same for the whole cube.
+    #[cube]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward_kernel<E: Float>(
-        q: &Tensor<E>,
+    fn walk_keys<E: Float>(
         k: &Tensor<E>,
         v: &Tensor<E>,
-        output: &mut Tensor<E>,
-        heads: usize,
-        scale: f32,
+        at_: &Place,
+        query: &Array<f32>,
+        cotangent: &Array<f32>,
+        delta: f32,
         #[comptime] dim: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
-        #[define(E)] _dtype: ElemType,
-    ) {
-        let nq = q.shape(1);
+        #[comptime] pull_back: bool,
+    ) -> Walk {
         let nk = k.shape(1);
-        let at_ = place(nq, q.shape(0), heads, units, dim);
-        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
         let mut acc = Array::<f32>::new(dim);
         for c in 0..dim {
             acc[c] = f32::new(0.0);
         }
+        // Finite, so that the first rescaling is exp of a large negative number: 0.
         let mut max = f32::new(-1.0e30);
         let mut sum = f32::new(0.0);
-
         let mut staged_k = Shared::<[f32]>::new_slice(tile * dim);
         let mut staged_v = Shared::<[f32]>::new_slice(tile * dim);
         let mut start = 0usize;
@@ -526,7 +534,7 @@ mod kernel {
             }
             if at_.active {
                 for j in 0..count {
-                    let s = dot(&query, &staged_k, j, dim);
+                    let s = dot(query, &staged_k, j, dim);
                     if s > max {
                         let rescale = f32::exp(max - s);
                         sum *= rescale;
@@ -537,29 +545,70 @@ mod kernel {
                     }
                     let p = f32::exp(s - max);
                     sum += p;
-                    for c in 0..dim {
-                        acc[c] += p * staged_v[j * dim + c];
+                    if pull_back {
+                        let weight = p * (dot(cotangent, &staged_v, j, dim) - delta);
+                        for c in 0..dim {
+                            acc[c] += weight * staged_k[j * dim + c];
+                        }
+                    } else {
+                        for c in 0..dim {
+                            acc[c] += p * staged_v[j * dim + c];
+                        }
                     }
                 }
             }
+            // Nobody stages the next tile before everyone has read this one.
             sync_cube();
             start += tile;
         }
+        Walk { max, sum, acc }
+    }
 
+    /// One unit per (batch item, head, query): `o = Σⱼ pⱼ vⱼ` with `pⱼ = softmax(scale · q
+    /// kᵀ)ⱼ`, `acc / sum` of [`walk_keys`]. Writes `output` `[b, nq, c]`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_kernel<E: Float>(
+        q: &Tensor<E>,
+        k: &Tensor<E>,
+        v: &Tensor<E>,
+        output: &mut Tensor<E>,
+        heads: usize,
+        scale: f32,
+        #[comptime] dim: usize,
+        #[comptime] tile: usize,
+        #[comptime] units: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let nq = q.shape(1);
+        let at_ = place(nq, q.shape(0), heads, units, dim);
+        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
+        // Not read: the walk without `pull_back` takes no cotangent.
+        let unused = Array::<f32>::new(1usize);
+        let walk = walk_keys(
+            k,
+            v,
+            &at_,
+            &query,
+            &unused,
+            f32::new(0.0),
+            dim,
+            tile,
+            units,
+            false,
+        );
         if at_.active {
             let base = (at_.batch * nq + at_.index) * output.shape(2) + at_.first;
             for c in 0..dim {
-                output[base + c] = E::cast_from(acc[c] / sum);
+                output[base + c] = E::cast_from(walk.acc[c] / walk.sum);
             }
         }
     }
 
     /// One unit per (cotangent row, head, query): `dq = scale · Σⱼ pⱼ (dpⱼ − δ) kⱼ`, with
-    /// `pⱼ = softmax(scale · q kᵀ)ⱼ`, `dpⱼ = g · vⱼ` and `δ = g · o`. The softmax's maximum `m`
-    /// and sum `l` run along the keys: when a larger score comes, what was summed is rescaled
-    /// by `exp(m_old − m_new)`, so `p` needs no earlier pass. Writes `dq` as part 0 of
-    /// `output` `[parts, rows, nq, c]`, and the log-sum-exp `m + ln l` and `δ` to `stats`
-    /// for the key kernel.
+    /// `pⱼ = softmax(scale · q kᵀ)ⱼ`, `dpⱼ = g · vⱼ` and `δ = g · o`: `scale · acc / sum` of
+    /// [`walk_keys`]. Writes `dq` as part 0 of `output` `[parts, rows, nq, c]`, and the
+    /// log-sum-exp `max + ln sum` and `δ` to `stats` for the key kernel.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn query_pull_back_kernel<E: Float, G: Float>(
@@ -578,7 +627,6 @@ mod kernel {
         #[define(E, G)] _dtypes: [ElemType; 2],
     ) {
         let nq = q.shape(1);
-        let nk = k.shape(1);
         let at_ = place(nq, q.shape(0), heads, units, dim);
         let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
         let cotangent = load_row(g, at_.row, at_.index, at_.first, f32::new(1.0), dim);
@@ -587,79 +635,18 @@ mod kernel {
         for c in 0..dim {
             delta += cotangent[c] * out[c];
         }
-        let mut acc = Array::<f32>::new(dim);
-        for c in 0..dim {
-            acc[c] = f32::new(0.0);
-        }
-        // Finite, so that the first rescaling is exp of a large negative number: 0.
-        let mut max = f32::new(-1.0e30);
-        let mut sum = f32::new(0.0);
-
-        let mut staged_k = Shared::<[f32]>::new_slice(tile * dim);
-        let mut staged_v = Shared::<[f32]>::new_slice(tile * dim);
-        let mut start = 0usize;
-        while start < nk {
-            stage(
-                k,
-                at_.batch,
-                at_.first,
-                start,
-                nk,
-                &mut staged_k,
-                dim,
-                tile,
-                units,
-            );
-            stage(
-                v,
-                at_.batch,
-                at_.first,
-                start,
-                nk,
-                &mut staged_v,
-                dim,
-                tile,
-                units,
-            );
-            sync_cube();
-            let mut count = nk - start;
-            if count > tile {
-                count = tile;
-            }
-            if at_.active {
-                for j in 0..count {
-                    let s = dot(&query, &staged_k, j, dim);
-                    let dp = dot(&cotangent, &staged_v, j, dim);
-                    if s > max {
-                        let rescale = f32::exp(max - s);
-                        sum *= rescale;
-                        for c in 0..dim {
-                            acc[c] *= rescale;
-                        }
-                        max = s;
-                    }
-                    let p = f32::exp(s - max);
-                    sum += p;
-                    let weight = p * (dp - delta);
-                    for c in 0..dim {
-                        acc[c] += weight * staged_k[j * dim + c];
-                    }
-                }
-            }
-            // Nobody stages the next tile before everyone has read this one.
-            sync_cube();
-            start += tile;
-        }
-
+        let walk = walk_keys(
+            k, v, &at_, &query, &cotangent, delta, dim, tile, units, true,
+        );
         if at_.active {
             let width = output.shape(3);
             let base = (at_.row * nq + at_.index) * width + at_.first;
-            let factor = scale / sum;
+            let factor = scale / walk.sum;
             for c in 0..dim {
-                output[base + c] = E::cast_from(acc[c] * factor);
+                output[base + c] = E::cast_from(walk.acc[c] * factor);
             }
             let s = (at_.row_head * nq + at_.index) * 2;
-            stats[s] = max + f32::ln(sum);
+            stats[s] = walk.max + f32::ln(walk.sum);
             stats[s + 1] = delta;
         }
     }
@@ -773,13 +760,7 @@ mod tests {
     use burn::tensor::Device;
 
     fn wave(shape: [usize; 3], seed: f32, device: &Device) -> Tensor<3> {
-        let n: usize = shape.iter().product();
-        Tensor::<1, burn::tensor::Int>::arange(0..n as i64, device)
-            .float()
-            .mul_scalar(seed)
-            .sin()
-            .mul_scalar(1.5)
-            .reshape(shape)
+        crate::model::wave(shape, seed, [1.5, 0.0], device)
     }
 
     /// Multi-head attention of `[b, n, c]` tokens, whole, through burn's ops.

@@ -16,3 +16,22 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod windows;
+
+/// Smooth test values that differ per element and per seed: `amplitude · sin(i · seed) +
+/// offset` along the flat index `i`, on the device the kernel tests compare on.
+#[cfg(test)]
+pub(crate) fn wave<const D: usize>(
+    shape: [usize; D],
+    seed: f32,
+    [amplitude, offset]: [f32; 2],
+    device: &burn::tensor::Device,
+) -> burn::tensor::Tensor<D> {
+    let n: usize = shape.iter().product();
+    burn::tensor::Tensor::<1, burn::tensor::Int>::arange(0..n as i64, device)
+        .float()
+        .mul_scalar(seed)
+        .sin()
+        .mul_scalar(amplitude)
+        .add_scalar(offset)
+        .reshape(shape)
+}

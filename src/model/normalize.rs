@@ -594,14 +594,7 @@ mod tests {
     use burn::tensor::Device;
 
     fn wave(shape: [usize; 3], seed: f32, device: &Device) -> Tensor<3> {
-        let n: usize = shape.iter().product();
-        Tensor::<1, burn::tensor::Int>::arange(0..n as i64, device)
-            .float()
-            .mul_scalar(seed)
-            .sin()
-            .mul_scalar(3.0)
-            .add_scalar(1.5)
-            .reshape(shape)
+        crate::model::wave(shape, seed, [3.0, 1.5], device)
     }
 
     /// The GPU kernel against the composition of burn's ops (what an autodiff-tracked tensor
