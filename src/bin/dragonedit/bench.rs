@@ -50,7 +50,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub edit_warmups: Option<usize>,
     /// How attention without gradients is computed: auto (burn's fused op on a GPU, score
-    /// chunks on the CPU), chunked or fused.
+    /// chunks on the CPU), chunked, fused, or kernel (the UNet's by our flash kernel, as in
+    /// the browser, the rest in chunks). On a GPU the guidance's attention pull-backs always
+    /// run as our kernels.
     #[arg(long, value_enum, default_value_t = AttentionArg::Auto)]
     pub attention: AttentionArg,
     /// How stride-1 convolutions are computed: auto (im2col + matmul on a GPU, burn's
