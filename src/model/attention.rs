@@ -5,7 +5,7 @@
 //! buffer itself (BURN.md §4), so scores are computed over groups of heads, and over blocks of
 //! query rows when one head alone is too large, keeping every score buffer under a budget.
 
-use burn::tensor::{Bool, Tensor, activation::softmax};
+use burn::tensor::{Bool, Device, Tensor, activation::softmax};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Upper bound on any single attention score buffer. 64 MiB keeps a score chunk, its softmax
@@ -52,28 +52,39 @@ pub fn set_attention_strategy(strategy: AttentionStrategy) {
     ATTENTION_STRATEGY.store(strategy as u8, Ordering::Relaxed);
 }
 
+/// The strategy [`set_attention_strategy`] last set.
+fn strategy() -> AttentionStrategy {
+    match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
+        1 => AttentionStrategy::Chunked,
+        2 => AttentionStrategy::Fused,
+        3 => AttentionStrategy::Kernel,
+        _ => AttentionStrategy::Auto,
+    }
+}
+
 /// Whether [`AttentionPlan::attend`] hands `q` (not causal, not under autodiff) to burn's fused
 /// op.
 pub fn uses_fused(q: &Tensor<4>) -> bool {
     // Under autodiff burn always differentiates the materialising fallback (BURN.md §4). Checked
     // first: it spares the device query on the guidance's hot path.
     !q.is_autodiff()
-        && match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
-            1 | 3 => false,
-            2 => true,
-            _ => crate::device::is_native_gpu(&q.device()),
+        && match strategy() {
+            AttentionStrategy::Chunked | AttentionStrategy::Kernel => false,
+            AttentionStrategy::Fused => true,
+            AttentionStrategy::Auto => crate::device::is_native_gpu(&q.device()),
         }
 }
 
-/// Whether the UNet's attention of `q` `[b, n, heads · d]` runs as our own flash kernel
-/// (`flash_attention`): where the device runs it (a GPU, not under autodiff), with the
+/// Whether the UNet's attention, heads `head_width` wide, runs on `device` as our own flash
+/// kernel (`flash_attention`): where the device runs it (a GPU, not under autodiff), with the
 /// strategy [`Kernel`](AttentionStrategy::Kernel), or `Auto` in the browser, where burn's fused
 /// op would materialise every score.
-pub fn uses_kernel(q: &Tensor<3>, heads: usize) -> bool {
-    crate::model::flash_attention::runs_as_kernels(&q.device(), q.dims()[2] / heads)
-        && match ATTENTION_STRATEGY.load(Ordering::Relaxed) {
-            0 => cfg!(target_family = "wasm"),
-            strategy => strategy == AttentionStrategy::Kernel as u8,
+pub fn uses_kernel(device: &Device, head_width: usize) -> bool {
+    crate::model::flash_attention::runs_as_kernels(device, head_width)
+        && match strategy() {
+            AttentionStrategy::Kernel => true,
+            AttentionStrategy::Auto => cfg!(target_family = "wasm"),
+            AttentionStrategy::Chunked | AttentionStrategy::Fused => false,
         }
 }
 
@@ -285,6 +296,7 @@ impl AttentionPlan {
     }
 }
 
+/// True where key index > query index, for query rows `q0..q0+qn`.
 fn causal_mask(q0: usize, qn: usize, nk: usize, like: &Tensor<3>) -> Tensor<3, Bool> {
     let values: Vec<bool> = (0..qn)
         .flat_map(|i| (0..nk).map(move |j| j > q0 + i))

@@ -522,14 +522,6 @@ impl StackedLinear {
     pub fn pull_back(&self, g: Tensor<3>) -> Tensor<3> {
         self.0.pull_back(g).sum_dim(0)
     }
-
-    /// Layer `i` alone: a view of its weight and bias.
-    pub fn layer(&self, i: usize) -> Linear {
-        Linear {
-            weight: self.0.weight.clone().narrow(0, i, 1),
-            bias: self.0.bias.clone().map(|b| b.narrow(0, i, 1)),
-        }
-    }
 }
 
 /// The layers' weights and biases concatenated along `dim` (2: outputs side by side; 0:

@@ -84,27 +84,25 @@ impl Attention {
         }
     }
 
-    /// `gᵀ ∂(q, k, v)/∂x` for projections of `x` alone (self-attention), from the gradients
-    /// `[3, rows, n, C]` of q, k and v: one batched product with the stacked weights and a sum.
-    fn pull_back_self_projections(&self, g_qkv: Tensor<4>) -> Tensor<3> {
-        debug_assert!(self.to_q.is_none(), "self-attention stacks q with k and v");
-        let [parts, rows, n, c] = g_qkv.dims();
-        let g = self.stacked.pull_back(g_qkv.reshape([parts, rows * n, c]));
-        let width = g.dims()[2];
-        g.reshape([rows, n, width])
-    }
-
-    /// `gᵀ ∂q/∂x`.
-    fn pull_back_queries(&self, g_q: Tensor<3>) -> Tensor<3> {
+    /// `gᵀ ∂projections/∂x` from [`core_pullback`](Self::core_pullback)'s gradients `[parts,
+    /// rows, n, C]`: in self-attention q, k and v together, one batched product with the
+    /// stacked weights and a sum; in cross-attention the queries' alone, since the keys and
+    /// values read the constant text context, not `x`.
+    fn pull_back_projections(&self, g: Tensor<4>) -> Tensor<3> {
+        let [parts, rows, n, c] = g.dims();
         match &self.to_q {
-            Some(to_q) => to_q.pull_back(g_q),
-            None => self.stacked.layer(0).pull_back(g_q),
+            Some(to_q) => to_q.pull_back(g.narrow(0, 0, 1).reshape([rows, n, c])),
+            None => {
+                let g = self.stacked.pull_back(g.reshape([parts, rows * n, c]));
+                let width = g.dims()[2];
+                g.reshape([rows, n, width])
+            }
         }
     }
 
     /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
     fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
-        if uses_kernel(&q, self.heads) {
+        if uses_kernel(&q.device(), q.dims()[2] / self.heads) {
             return flash_attention(q, k, v, self.heads);
         }
         Self::merge_heads(plan.attend(
@@ -319,13 +317,12 @@ impl TransformerBlock {
         // Text cross-attention: the context is constant, so only the queries lead back.
         let g_o2 = self.attn2.to_out.pull_back(g_x2.clone());
         let g_q2 = self.attn2.core_pullback(t.qkv2, t.o2, g_o2, plan, false);
-        let [_, rows, n, c] = g_q2.dims();
-        let g_n2 = self.attn2.pull_back_queries(g_q2.reshape([rows, n, c]));
+        let g_n2 = self.attn2.pull_back_projections(g_q2);
         let g_x1 = self.norm2.pull_back(&t.x1, g_n2, Some(g_x2));
         // Self-attention.
         let g_o = self.attn1.to_out.pull_back(g_x1.clone());
         let g_qkv = self.attn1.core_pullback(t.qkv, t.o, g_o, plan, true);
-        let g_n1 = self.attn1.pull_back_self_projections(g_qkv);
+        let g_n1 = self.attn1.pull_back_projections(g_qkv);
         self.norm1.pull_back(&t.x, g_n1, Some(g_x1))
     }
 }
