@@ -273,21 +273,27 @@ impl FlashAttentionOps for CubeBackend {
         let at = Launch::new(rows, heads, d);
         let output =
             empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, q.dtype);
-        kernel::forward_kernel::launch(
-            &q.client,
-            at.grid(nq),
-            at.cube_dim,
-            q.clone().into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            heads,
-            at.scale,
-            d,
-            at.tile,
-            UNITS,
-            dtype_to_storage_type(q.dtype),
-        );
+        // SAFETY: every index the kernel forms is in bounds by construction: a unit's row is
+        // clamped to the last one (`place`), staged reads past `n` are skipped, shared indices stay
+        // under `tile · dim`, and only active units write. Unchecked, the inner loop's reads carry
+        // no compare and select each (cubecl's checked launch adds them to every access).
+        unsafe {
+            kernel::forward_kernel::launch_unchecked(
+                &q.client,
+                at.grid(nq),
+                at.cube_dim,
+                q.clone().into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                output.clone().into_tensor_arg(),
+                heads,
+                at.scale,
+                d,
+                at.tile,
+                UNITS,
+                dtype_to_storage_type(q.dtype),
+            );
+        }
         output
     }
 
@@ -321,35 +327,19 @@ impl FlashAttentionOps for CubeBackend {
             DType::F32,
         );
         let dtypes = [q.dtype, g.dtype].map(dtype_to_storage_type);
-        kernel::query_pull_back_kernel::launch(
-            &client,
-            at.grid(nq),
-            at.cube_dim,
-            q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
-            o.into_tensor_arg(),
-            g.clone().into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            stats.clone().into_tensor_arg(),
-            heads,
-            at.scale,
-            d,
-            at.tile,
-            UNITS,
-            dtypes,
-        );
-        if keys {
-            kernel::key_pull_back_kernel::launch(
+        // SAFETY: as in `flash_attention`; `stats` has a pair per (row, head, query).
+        unsafe {
+            kernel::query_pull_back_kernel::launch_unchecked(
                 &client,
-                at.grid(nk),
+                at.grid(nq),
                 at.cube_dim,
-                q.into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                g.into_tensor_arg(),
-                stats.into_tensor_arg(),
+                q.clone().into_tensor_arg(),
+                k.clone().into_tensor_arg(),
+                v.clone().into_tensor_arg(),
+                o.into_tensor_arg(),
+                g.clone().into_tensor_arg(),
                 output.clone().into_tensor_arg(),
+                stats.clone().into_tensor_arg(),
                 heads,
                 at.scale,
                 d,
@@ -357,6 +347,28 @@ impl FlashAttentionOps for CubeBackend {
                 UNITS,
                 dtypes,
             );
+        }
+        if keys {
+            // SAFETY: as above; the key kernel's units index keys, clamped the same way.
+            unsafe {
+                kernel::key_pull_back_kernel::launch_unchecked(
+                    &client,
+                    at.grid(nk),
+                    at.cube_dim,
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    g.into_tensor_arg(),
+                    stats.into_tensor_arg(),
+                    output.clone().into_tensor_arg(),
+                    heads,
+                    at.scale,
+                    d,
+                    at.tile,
+                    UNITS,
+                    dtypes,
+                );
+            }
         }
         output
     }
@@ -421,6 +433,7 @@ mod kernel {
         #[comptime] dim: usize,
     ) -> Array<f32> {
         let mut row = Array::<f32>::new(dim);
+        #[unroll]
         for c in 0..dim {
             row[c] = f32::cast_from(t[at(t, batch, i, first + c)]) * factor;
         }
@@ -458,6 +471,7 @@ mod kernel {
     #[cube]
     fn dot(row: &Array<f32>, staged: &Shared<[f32]>, j: usize, #[comptime] dim: usize) -> f32 {
         let mut sum = f32::new(0.0);
+        #[unroll]
         for c in 0..dim {
             sum += row[c] * staged[j * dim + c];
         }
@@ -495,6 +509,7 @@ mod kernel {
     ) -> Walk {
         let nk = k.shape(1);
         let mut acc = Array::<f32>::new(dim);
+        #[unroll]
         for c in 0..dim {
             acc[c] = f32::new(0.0);
         }
@@ -538,6 +553,7 @@ mod kernel {
                     if s > max {
                         let rescale = f32::exp(max - s);
                         sum *= rescale;
+                        #[unroll]
                         for c in 0..dim {
                             acc[c] *= rescale;
                         }
@@ -547,10 +563,12 @@ mod kernel {
                     sum += p;
                     if pull_back {
                         let weight = p * (dot(cotangent, &staged_v, j, dim) - delta);
+                        #[unroll]
                         for c in 0..dim {
                             acc[c] += weight * staged_k[j * dim + c];
                         }
                     } else {
+                        #[unroll]
                         for c in 0..dim {
                             acc[c] += p * staged_v[j * dim + c];
                         }
@@ -566,7 +584,7 @@ mod kernel {
 
     /// One unit per (batch item, head, query): `o = Σⱼ pⱼ vⱼ` with `pⱼ = softmax(scale · q
     /// kᵀ)ⱼ`, `acc / sum` of [`walk_keys`]. Writes `output` `[b, nq, c]`.
-    #[cube(launch)]
+    #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_kernel<E: Float>(
         q: &Tensor<E>,
@@ -599,6 +617,7 @@ mod kernel {
         );
         if at_.active {
             let base = (at_.batch * nq + at_.index) * output.shape(2) + at_.first;
+            #[unroll]
             for c in 0..dim {
                 output[base + c] = E::cast_from(walk.acc[c] / walk.sum);
             }
@@ -609,7 +628,7 @@ mod kernel {
     /// `pⱼ = softmax(scale · q kᵀ)ⱼ`, `dpⱼ = g · vⱼ` and `δ = g · o`: `scale · acc / sum` of
     /// [`walk_keys`]. Writes `dq` as part 0 of `output` `[parts, rows, nq, c]`, and the
     /// log-sum-exp `max + ln sum` and `δ` to `stats` for the key kernel.
-    #[cube(launch)]
+    #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn query_pull_back_kernel<E: Float, G: Float>(
         q: &Tensor<E>,
@@ -632,6 +651,7 @@ mod kernel {
         let cotangent = load_row(g, at_.row, at_.index, at_.first, f32::new(1.0), dim);
         let out = load_row(o, at_.batch, at_.index, at_.first, f32::new(1.0), dim);
         let mut delta = f32::new(0.0);
+        #[unroll]
         for c in 0..dim {
             delta += cotangent[c] * out[c];
         }
@@ -642,6 +662,7 @@ mod kernel {
             let width = output.shape(3);
             let base = (at_.row * nq + at_.index) * width + at_.first;
             let factor = scale / walk.sum;
+            #[unroll]
             for c in 0..dim {
                 output[base + c] = E::cast_from(walk.acc[c] * factor);
             }
@@ -654,7 +675,7 @@ mod kernel {
     /// One unit per (cotangent row, head, key): `dk = scale · Σᵢ dsᵢ qᵢ` and `dv = Σᵢ pᵢ gᵢ`
     /// over the queries `i`, with `pᵢ = exp(scale · qᵢ · k − lseᵢ)`, `dsᵢ = pᵢ (gᵢ · v − δᵢ)`,
     /// and `lseᵢ`, `δᵢ` from the query kernel's `stats`. Writes parts 1 and 2 of `output`.
-    #[cube(launch)]
+    #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn key_pull_back_kernel<E: Float, G: Float>(
         q: &Tensor<E>,
@@ -677,6 +698,7 @@ mod kernel {
         let value = load_row(v, at_.batch, at_.index, at_.first, f32::new(1.0), dim);
         let mut dk = Array::<f32>::new(dim);
         let mut dv = Array::<f32>::new(dim);
+        #[unroll]
         for c in 0..dim {
             dk[c] = f32::new(0.0);
             dv[c] = f32::new(0.0);
@@ -730,6 +752,7 @@ mod kernel {
                     let dp = dot(&value, &staged_g, i, dim);
                     let p = f32::exp(s - staged_stats[i * 2]);
                     let ds = p * (dp - staged_stats[i * 2 + 1]);
+                    #[unroll]
                     for c in 0..dim {
                         dv[c] += p * staged_g[i * dim + c];
                         dk[c] += ds * staged_q[i * dim + c];
@@ -744,6 +767,7 @@ mod kernel {
             let (rows, width) = (output.shape(1), output.shape(3));
             let dk_at = ((rows + at_.row) * nq + at_.index) * width + at_.first;
             let dv_at = ((2 * rows + at_.row) * nq + at_.index) * width + at_.first;
+            #[unroll]
             for c in 0..dim {
                 output[dk_at + c] = E::cast_from(dk[c] * scale);
                 output[dv_at + c] = E::cast_from(dv[c]);
