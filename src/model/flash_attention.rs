@@ -227,11 +227,11 @@ const UNITS: usize = 64;
 /// Workgroup memory for one cube's tiles: WebGPU guarantees 16 KiB.
 const TILE_BYTES: usize = 16 << 10;
 
-/// Rows of the other side staged per step: two `[tile, d]` f32 tiles plus two f32 per row
-/// (the key kernel's log-sum-exp and `rowsum(dO ⊙ O)`) within [`TILE_BYTES`], a power of two,
-/// at most 64.
+/// Rows of the other side staged per step: two `[tile, d]` f32 tiles (`d` rounded up to whole
+/// quads of four) plus two f32 per row (the key kernel's log-sum-exp and `rowsum(dO ⊙ O)`)
+/// within [`TILE_BYTES`], a power of two, at most 64.
 fn rows_per_tile(d: usize) -> usize {
-    let fit = TILE_BYTES / (4 * (2 * d + 2));
+    let fit = TILE_BYTES / (4 * (2 * 4 * d.div_ceil(4) + 2));
     (1usize << fit.max(1).ilog2()).min(64)
 }
 
@@ -240,6 +240,8 @@ fn rows_per_tile(d: usize) -> usize {
 struct Launch {
     cube_dim: CubeDim,
     row_heads: usize,
+    /// Quads of four features per head.
+    quads: usize,
     tile: usize,
     scale: f32,
 }
@@ -249,6 +251,7 @@ impl Launch {
         Self {
             cube_dim: CubeDim::new_1d(UNITS as u32),
             row_heads: rows * heads,
+            quads: d.div_ceil(4),
             tile: rows_per_tile(d),
             scale: (d as f32).powf(-0.5),
         }
@@ -289,6 +292,7 @@ impl FlashAttentionOps for CubeBackend {
                 heads,
                 at.scale,
                 d,
+                at.quads,
                 at.tile,
                 UNITS,
                 dtype_to_storage_type(q.dtype),
@@ -343,6 +347,7 @@ impl FlashAttentionOps for CubeBackend {
                 heads,
                 at.scale,
                 d,
+                at.quads,
                 at.tile,
                 UNITS,
                 dtypes,
@@ -364,6 +369,7 @@ impl FlashAttentionOps for CubeBackend {
                     heads,
                     at.scale,
                     d,
+                    at.quads,
                     at.tile,
                     UNITS,
                     dtypes,
@@ -377,6 +383,12 @@ impl FlashAttentionOps for CubeBackend {
 mod kernel {
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
+
+    /// Four features side by side, the unit of the kernels' arithmetic and of their workgroup
+    /// reads: one read feeds four multiply-adds, where a GPU issues fewer workgroup-memory reads
+    /// per cycle than multiply-adds. A head's last quad is padded with zeros when its width is
+    /// not a multiple of four (SD 1.5's are).
+    type Quad = Vector<f32, Const<4>>;
 
     /// Which row of which head a unit takes: cubes run along `x` over blocks of `units` rows
     /// and along `y` over (cotangent row, head) pairs. `index` is clamped to the last row so
@@ -416,14 +428,48 @@ mod kernel {
         }
     }
 
-    /// The index of token `i`, feature `first + c`, of batch item `batch` in `t` `[b, n, c]`.
+    /// Feature `c` of a head of `dim` (0 past it) whose first feature is at `base` in `t`,
+    /// features `step` apart, in f32.
     #[cube]
-    fn at<T: CubePrimitive>(t: &Tensor<T>, batch: usize, i: usize, feature: usize) -> usize {
-        batch * t.stride(0) + i * t.stride(1) + feature * t.stride(2)
+    fn feature<T: Float>(
+        t: &Tensor<T>,
+        base: usize,
+        step: usize,
+        c: usize,
+        #[comptime] dim: usize,
+    ) -> f32 {
+        let mut value = f32::new(0.0);
+        if c < dim {
+            value = f32::cast_from(t[base + c * step]);
+        }
+        value
     }
 
-    /// Token `i`'s `dim` features from `first`, in f32, times `factor`.
+    /// Features `4 l .. 4 l + 4` of the head from `first` of token `i` of batch item `batch`
+    /// in `t` `[b, n, c]`.
     #[cube]
+    fn read_quad<T: Float>(
+        t: &Tensor<T>,
+        batch: usize,
+        i: usize,
+        first: usize,
+        l: usize,
+        #[comptime] dim: usize,
+    ) -> Quad {
+        let step = t.stride(2);
+        let base = batch * t.stride(0) + i * t.stride(1) + first * step;
+        let c = l * 4;
+        let mut quad = Quad::new(f32::new(0.0));
+        quad.insert(0usize, feature(t, base, step, c, dim));
+        quad.insert(1usize, feature(t, base, step, c + 1, dim));
+        quad.insert(2usize, feature(t, base, step, c + 2, dim));
+        quad.insert(3usize, feature(t, base, step, c + 3, dim));
+        quad
+    }
+
+    /// Token `i`'s head from `first`, in f32 quads, times `factor`.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
     fn load_row<T: Float>(
         t: &Tensor<T>,
         batch: usize,
@@ -431,17 +477,29 @@ mod kernel {
         first: usize,
         factor: f32,
         #[comptime] dim: usize,
-    ) -> Array<f32> {
-        let mut row = Array::<f32>::new(dim);
+        #[comptime] quads: usize,
+    ) -> Array<Quad> {
+        let mut row = Array::<Quad>::new(quads);
         #[unroll]
-        for c in 0..dim {
-            row[c] = f32::cast_from(t[at(t, batch, i, first + c)]) * factor;
+        for l in 0..quads {
+            row[l] = read_quad(t, batch, i, first, l, dim) * Quad::new(factor);
         }
         row
     }
 
-    /// Stages tokens `start..start + tile` (zeros past `n`), features `first..first + dim`, of
-    /// batch item `batch` of `t` in `staged` `[tile, dim]`, the cube's units sharing the reads.
+    /// Zeroed quads for a head.
+    #[cube]
+    fn zeros(#[comptime] quads: usize) -> Array<Quad> {
+        let mut row = Array::<Quad>::new(quads);
+        #[unroll]
+        for l in 0..quads {
+            row[l] = Quad::new(f32::new(0.0));
+        }
+        row
+    }
+
+    /// Stages tokens `start..start + tile` (zeros past `n`), the head from `first`, of batch
+    /// item `batch` of `t` in `staged` `[tile, quads]`, the cube's units sharing the reads.
     #[cube]
     #[allow(clippy::too_many_arguments)]
     fn stage<T: Float>(
@@ -450,32 +508,82 @@ mod kernel {
         first: usize,
         start: usize,
         n: usize,
-        staged: &mut Shared<[f32]>,
+        staged: &mut Shared<[Quad]>,
         #[comptime] dim: usize,
+        #[comptime] quads: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
     ) {
         let mut e = UNIT_POS as usize;
-        while e < tile * dim {
-            let i = start + e / dim;
-            let mut value = f32::new(0.0);
+        while e < tile * quads {
+            let i = start + e / quads;
+            let mut value = Quad::new(f32::new(0.0));
             if i < n {
-                value = f32::cast_from(t[at(t, batch, i, first + e % dim)]);
+                value = read_quad(t, batch, i, first, e % quads, dim);
             }
             staged[e] = value;
             e += units;
         }
     }
 
+    /// The sum of a quad's four lanes.
+    #[cube]
+    fn lanes_sum(quad: Quad) -> f32 {
+        quad.extract(0usize) + quad.extract(1usize) + quad.extract(2usize) + quad.extract(3usize)
+    }
+
     /// The dot product of `row` with staged row `j`.
     #[cube]
-    fn dot(row: &Array<f32>, staged: &Shared<[f32]>, j: usize, #[comptime] dim: usize) -> f32 {
-        let mut sum = f32::new(0.0);
+    fn dot(row: &Array<Quad>, staged: &Shared<[Quad]>, j: usize, #[comptime] quads: usize) -> f32 {
+        let mut sum = Quad::new(f32::new(0.0));
         #[unroll]
-        for c in 0..dim {
-            sum += row[c] * staged[j * dim + c];
+        for l in 0..quads {
+            sum += row[l] * staged[j * quads + l];
         }
-        sum
+        lanes_sum(sum)
+    }
+
+    /// `acc += weight · staged row j`.
+    #[cube]
+    fn add_scaled(
+        acc: &mut Array<Quad>,
+        weight: f32,
+        staged: &Shared<[Quad]>,
+        j: usize,
+        #[comptime] quads: usize,
+    ) {
+        let weight = Quad::new(weight);
+        #[unroll]
+        for l in 0..quads {
+            acc[l] += weight * staged[j * quads + l];
+        }
+    }
+
+    /// Writes `row · factor`, the head's `dim` features, to `t` from flat index `base`.
+    #[cube]
+    fn write_row<T: Float>(
+        t: &mut Tensor<T>,
+        base: usize,
+        row: &Array<Quad>,
+        factor: f32,
+        #[comptime] dim: usize,
+        #[comptime] quads: usize,
+    ) {
+        #[unroll]
+        for l in 0..quads {
+            let quad = row[l] * Quad::new(factor);
+            let c = l * 4;
+            t[base + c] = T::cast_from(quad.extract(0usize));
+            if c + 1 < dim {
+                t[base + c + 1] = T::cast_from(quad.extract(1usize));
+            }
+            if c + 2 < dim {
+                t[base + c + 2] = T::cast_from(quad.extract(2usize));
+            }
+            if c + 3 < dim {
+                t[base + c + 3] = T::cast_from(quad.extract(3usize));
+            }
+        }
     }
 
     /// What a unit's walk over the keys leaves: the largest scaled score `max`, `sum =
@@ -485,7 +593,7 @@ mod kernel {
     struct Walk {
         max: f32,
         sum: f32,
-        acc: Array<f32>,
+        acc: Array<Quad>,
     }
 
     /// Walks the keys and values of the unit's (batch item, head) a tile at a time, the cube
@@ -499,25 +607,22 @@ mod kernel {
         k: &Tensor<E>,
         v: &Tensor<E>,
         at_: &Place,
-        query: &Array<f32>,
-        cotangent: &Array<f32>,
+        query: &Array<Quad>,
+        cotangent: &Array<Quad>,
         delta: f32,
         #[comptime] dim: usize,
+        #[comptime] quads: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
         #[comptime] pull_back: bool,
     ) -> Walk {
         let nk = k.shape(1);
-        let mut acc = Array::<f32>::new(dim);
-        #[unroll]
-        for c in 0..dim {
-            acc[c] = f32::new(0.0);
-        }
+        let mut acc = zeros(quads);
         // Finite, so that the first rescaling is exp of a large negative number: 0.
         let mut max = f32::new(-1.0e30);
         let mut sum = f32::new(0.0);
-        let mut staged_k = Shared::<[f32]>::new_slice(tile * dim);
-        let mut staged_v = Shared::<[f32]>::new_slice(tile * dim);
+        let mut staged_k = Shared::<[Quad]>::new_slice(tile * quads);
+        let mut staged_v = Shared::<[Quad]>::new_slice(tile * quads);
         let mut start = 0usize;
         while start < nk {
             stage(
@@ -528,6 +633,7 @@ mod kernel {
                 nk,
                 &mut staged_k,
                 dim,
+                quads,
                 tile,
                 units,
             );
@@ -539,6 +645,7 @@ mod kernel {
                 nk,
                 &mut staged_v,
                 dim,
+                quads,
                 tile,
                 units,
             );
@@ -549,29 +656,24 @@ mod kernel {
             }
             if at_.active {
                 for j in 0..count {
-                    let s = dot(query, &staged_k, j, dim);
+                    let s = dot(query, &staged_k, j, quads);
                     if s > max {
                         let rescale = f32::exp(max - s);
                         sum *= rescale;
+                        let by = Quad::new(rescale);
                         #[unroll]
-                        for c in 0..dim {
-                            acc[c] *= rescale;
+                        for l in 0..quads {
+                            acc[l] *= by;
                         }
                         max = s;
                     }
                     let p = f32::exp(s - max);
                     sum += p;
                     if pull_back {
-                        let weight = p * (dot(cotangent, &staged_v, j, dim) - delta);
-                        #[unroll]
-                        for c in 0..dim {
-                            acc[c] += weight * staged_k[j * dim + c];
-                        }
+                        let weight = p * (dot(cotangent, &staged_v, j, quads) - delta);
+                        add_scaled(&mut acc, weight, &staged_k, j, quads);
                     } else {
-                        #[unroll]
-                        for c in 0..dim {
-                            acc[c] += p * staged_v[j * dim + c];
-                        }
+                        add_scaled(&mut acc, p, &staged_v, j, quads);
                     }
                 }
             }
@@ -594,15 +696,16 @@ mod kernel {
         heads: usize,
         scale: f32,
         #[comptime] dim: usize,
+        #[comptime] quads: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
         #[define(E)] _dtype: ElemType,
     ) {
         let nq = q.shape(1);
         let at_ = place(nq, q.shape(0), heads, units, dim);
-        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
+        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim, quads);
         // Not read: the walk without `pull_back` takes no cotangent.
-        let unused = Array::<f32>::new(1usize);
+        let unused = Array::<Quad>::new(1usize);
         let walk = walk_keys(
             k,
             v,
@@ -611,16 +714,21 @@ mod kernel {
             &unused,
             f32::new(0.0),
             dim,
+            quads,
             tile,
             units,
             false,
         );
         if at_.active {
             let base = (at_.batch * nq + at_.index) * output.shape(2) + at_.first;
-            #[unroll]
-            for c in 0..dim {
-                output[base + c] = E::cast_from(walk.acc[c] / walk.sum);
-            }
+            write_row(
+                output,
+                base,
+                &walk.acc,
+                f32::new(1.0) / walk.sum,
+                dim,
+                quads,
+            );
         }
     }
 
@@ -641,31 +749,30 @@ mod kernel {
         heads: usize,
         scale: f32,
         #[comptime] dim: usize,
+        #[comptime] quads: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
         #[define(E, G)] _dtypes: [ElemType; 2],
     ) {
         let nq = q.shape(1);
         let at_ = place(nq, q.shape(0), heads, units, dim);
-        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim);
-        let cotangent = load_row(g, at_.row, at_.index, at_.first, f32::new(1.0), dim);
-        let out = load_row(o, at_.batch, at_.index, at_.first, f32::new(1.0), dim);
-        let mut delta = f32::new(0.0);
+        let one = f32::new(1.0);
+        let query = load_row(q, at_.batch, at_.index, at_.first, scale, dim, quads);
+        let cotangent = load_row(g, at_.row, at_.index, at_.first, one, dim, quads);
+        let out = load_row(o, at_.batch, at_.index, at_.first, one, dim, quads);
+        let mut products = Quad::new(f32::new(0.0));
         #[unroll]
-        for c in 0..dim {
-            delta += cotangent[c] * out[c];
+        for l in 0..quads {
+            products += cotangent[l] * out[l];
         }
+        let delta = lanes_sum(products);
         let walk = walk_keys(
-            k, v, &at_, &query, &cotangent, delta, dim, tile, units, true,
+            k, v, &at_, &query, &cotangent, delta, dim, quads, tile, units, true,
         );
         if at_.active {
             let width = output.shape(3);
             let base = (at_.row * nq + at_.index) * width + at_.first;
-            let factor = scale / walk.sum;
-            #[unroll]
-            for c in 0..dim {
-                output[base + c] = E::cast_from(walk.acc[c] * factor);
-            }
+            write_row(output, base, &walk.acc, scale / walk.sum, dim, quads);
             let s = (at_.row_head * nq + at_.index) * 2;
             stats[s] = walk.max + f32::ln(walk.sum);
             stats[s + 1] = delta;
@@ -687,6 +794,7 @@ mod kernel {
         heads: usize,
         scale: f32,
         #[comptime] dim: usize,
+        #[comptime] quads: usize,
         #[comptime] tile: usize,
         #[comptime] units: usize,
         #[define(E, G)] _dtypes: [ElemType; 2],
@@ -694,18 +802,21 @@ mod kernel {
         let nq = q.shape(1);
         let nk = k.shape(1);
         let at_ = place(nk, q.shape(0), heads, units, dim);
-        let key = load_row(k, at_.batch, at_.index, at_.first, scale, dim);
-        let value = load_row(v, at_.batch, at_.index, at_.first, f32::new(1.0), dim);
-        let mut dk = Array::<f32>::new(dim);
-        let mut dv = Array::<f32>::new(dim);
-        #[unroll]
-        for c in 0..dim {
-            dk[c] = f32::new(0.0);
-            dv[c] = f32::new(0.0);
-        }
+        let key = load_row(k, at_.batch, at_.index, at_.first, scale, dim, quads);
+        let value = load_row(
+            v,
+            at_.batch,
+            at_.index,
+            at_.first,
+            f32::new(1.0),
+            dim,
+            quads,
+        );
+        let mut dk = zeros(quads);
+        let mut dv = zeros(quads);
 
-        let mut staged_q = Shared::<[f32]>::new_slice(tile * dim);
-        let mut staged_g = Shared::<[f32]>::new_slice(tile * dim);
+        let mut staged_q = Shared::<[Quad]>::new_slice(tile * quads);
+        let mut staged_g = Shared::<[Quad]>::new_slice(tile * quads);
         let mut staged_stats = Shared::<[f32]>::new_slice(tile * 2);
         let mut start = 0usize;
         while start < nq {
@@ -717,6 +828,7 @@ mod kernel {
                 nq,
                 &mut staged_q,
                 dim,
+                quads,
                 tile,
                 units,
             );
@@ -728,6 +840,7 @@ mod kernel {
                 nq,
                 &mut staged_g,
                 dim,
+                quads,
                 tile,
                 units,
             );
@@ -748,15 +861,12 @@ mod kernel {
             }
             if at_.active {
                 for i in 0..count {
-                    let s = dot(&key, &staged_q, i, dim);
-                    let dp = dot(&value, &staged_g, i, dim);
+                    let s = dot(&key, &staged_q, i, quads);
+                    let dp = dot(&value, &staged_g, i, quads);
                     let p = f32::exp(s - staged_stats[i * 2]);
                     let ds = p * (dp - staged_stats[i * 2 + 1]);
-                    #[unroll]
-                    for c in 0..dim {
-                        dv[c] += p * staged_g[i * dim + c];
-                        dk[c] += ds * staged_q[i * dim + c];
-                    }
+                    add_scaled(&mut dv, p, &staged_g, i, quads);
+                    add_scaled(&mut dk, ds, &staged_q, i, quads);
                 }
             }
             sync_cube();
@@ -767,11 +877,8 @@ mod kernel {
             let (rows, width) = (output.shape(1), output.shape(3));
             let dk_at = ((rows + at_.row) * nq + at_.index) * width + at_.first;
             let dv_at = ((2 * rows + at_.row) * nq + at_.index) * width + at_.first;
-            #[unroll]
-            for c in 0..dim {
-                output[dk_at + c] = E::cast_from(dk[c] * scale);
-                output[dv_at + c] = E::cast_from(dv[c]);
-            }
+            write_row(output, dk_at, &dk, scale, dim, quads);
+            write_row(output, dv_at, &dv, f32::new(1.0), dim, quads);
         }
     }
 }
@@ -814,7 +921,13 @@ mod tests {
             return;
         };
         // (batch, heads, queries, keys, d)
-        let cases = [(2, 2, 70, 77, 8), (1, 3, 37, 37, 40), (1, 1, 20, 20, 160)];
+        // d = 6 pads each head's second quad of four features with zeros.
+        let cases = [
+            (2, 2, 70, 77, 8),
+            (1, 3, 37, 37, 40),
+            (1, 1, 20, 20, 160),
+            (1, 3, 33, 21, 6),
+        ];
         for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::F16, 2e-3)] {
             for (b, heads, nq, nk, d) in cases {
                 let c = heads * d;
@@ -852,7 +965,8 @@ mod tests {
     /// f16 inputs, the kernels against the composition.
     ///
     /// Cases: query and key counts that are not multiples of a cube's 64 units or of a tile's
-    /// rows (d = 8: 64 rows per tile; d = 40: 32; d = 160: 8), two cotangent row groups against
+    /// rows (d = 8: 64 rows per tile; d = 40: 32; d = 160: 8), a head width that is not a
+    /// multiple of the kernels' quads of four (d = 6), two cotangent row groups against
     /// one kept batch, cross-attention (77 keys, no keys' gradients), and inputs as the UNet
     /// hands them: q, k and v slices of one stacked product and a transposed cotangent.
     /// Relative to the largest gradient of each part. In f32 both sides sum at most 77 terms
@@ -873,6 +987,7 @@ mod tests {
             (2, 3, 37, 37, 40, 2, true),
             (1, 2, 70, 77, 8, 2, false),
             (1, 1, 20, 20, 160, 1, true),
+            (1, 3, 33, 33, 6, 2, true),
         ];
         for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::F16, 2e-3)] {
             for (b, heads, nq, nk, d, rows, keys) in cases {
