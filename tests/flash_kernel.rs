@@ -7,7 +7,9 @@ mod common;
 
 use burn::tensor::Tensor;
 use common::{assert_close, load_tiny, npz, values, wgpu_device};
-use dragonedit::model::attention::{AttentionStrategy, set_attention_strategy, uses_kernel};
+use dragonedit::model::attention::{
+    AttentionStrategy, UnetAttention, set_attention_strategy, unet_attention,
+};
 use dragonedit::model::unet::NoHook;
 
 /// As `diffusers_parity`'s GPU tolerance: wgpu reorders reductions and has its own kernels.
@@ -19,8 +21,9 @@ fn unet_with_the_flash_kernel_matches_diffusers() {
         return;
     };
     set_attention_strategy(AttentionStrategy::Kernel);
-    assert!(
-        uses_kernel(&device, 8),
+    assert_eq!(
+        unet_attention(&device, 8),
+        UnetAttention::Kernel,
         "the strategy routes the UNet's attention to the kernel"
     );
     let sd = load_tiny(&device);

@@ -30,8 +30,10 @@ impl Default for AttentionPlan {
 /// How attention is computed where no gradient flows through it, for the whole process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionStrategy {
-    /// [`Fused`](AttentionStrategy::Fused) on a native GPU, [`Kernel`](AttentionStrategy::Kernel)
-    /// in the browser, else [`Chunked`](AttentionStrategy::Chunked).
+    /// On a native GPU [`Fused`](AttentionStrategy::Fused), but the UNet's attention by burn's
+    /// fused op or our flash kernel, whichever the first call of each shape times faster
+    /// (`attention_choice`); [`Kernel`](AttentionStrategy::Kernel) in the browser; else
+    /// [`Chunked`](AttentionStrategy::Chunked).
     #[default]
     Auto,
     /// Score chunks under [`AttentionPlan::max_score_bytes`], softmax, matmul.
@@ -75,17 +77,32 @@ pub fn uses_fused(q: &Tensor<4>) -> bool {
         }
 }
 
-/// Whether the UNet's attention, heads `head_width` wide, runs on `device` as our own flash
-/// kernel (`flash_attention`): where the device runs it (a GPU, not under autodiff), with the
-/// strategy [`Kernel`](AttentionStrategy::Kernel), or `Auto` in the browser, where burn's fused
-/// op would materialise every score.
-pub fn uses_kernel(device: &Device, head_width: usize) -> bool {
-    crate::model::flash_attention::runs_as_kernels(device, head_width)
-        && match strategy() {
-            AttentionStrategy::Kernel => true,
-            AttentionStrategy::Auto => cfg!(target_family = "wasm"),
-            AttentionStrategy::Chunked | AttentionStrategy::Fused => false,
-        }
+/// How the UNet's attention runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnetAttention {
+    /// Our own flash kernel (`flash_attention`).
+    Kernel,
+    /// [`AttentionPlan::attend`]: burn's fused op or score chunks, by the strategy.
+    Composed,
+    /// Whichever of the two the first call of its shape times faster on the device
+    /// (`attention_choice::kernel_is_faster`).
+    Timed,
+}
+
+/// How the UNet's attention, heads `head_width` wide, runs on `device`: our own flash kernel
+/// where the device runs it (a GPU, not under autodiff) with the strategy
+/// [`Kernel`](AttentionStrategy::Kernel) or `Auto` in the browser, where burn's fused op would
+/// materialise every score; timed against burn's fused op with `Auto` on a native GPU.
+pub fn unet_attention(device: &Device, head_width: usize) -> UnetAttention {
+    if !crate::model::flash_attention::runs_as_kernels(device, head_width) {
+        return UnetAttention::Composed;
+    }
+    match strategy() {
+        AttentionStrategy::Kernel => UnetAttention::Kernel,
+        AttentionStrategy::Auto if cfg!(target_family = "wasm") => UnetAttention::Kernel,
+        AttentionStrategy::Auto => UnetAttention::Timed,
+        AttentionStrategy::Chunked | AttentionStrategy::Fused => UnetAttention::Composed,
+    }
 }
 
 /// If autotune picks the materialising fallback for a shape, the fused op holds every score of

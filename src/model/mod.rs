@@ -2,6 +2,7 @@
 //! tokenizer, plus the model-folder layout they are read from.
 
 pub mod attention;
+pub mod attention_choice;
 pub mod clip;
 pub mod config;
 pub mod conv_choice;

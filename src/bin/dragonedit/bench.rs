@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
 use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, InversionCache, guidance};
 use dragonedit::model::attention::{
-    AttentionStrategy, set_attention_strategy, uses_fused, uses_kernel,
+    AttentionStrategy, UnetAttention, set_attention_strategy, unet_attention, uses_fused,
 };
 use dragonedit::model::flash_attention::runs_as_kernels;
 use dragonedit::model::nn::ConvStrategy;
@@ -49,9 +49,10 @@ pub struct BenchArgs {
     /// the same process: an edit runs the kernels they compiled, except the VAE's.
     #[arg(long)]
     pub edit_warmups: Option<usize>,
-    /// How attention without gradients is computed: auto (burn's fused op on a GPU, score
-    /// chunks on the CPU), chunked, fused, or kernel (the UNet's by our flash kernel, as in
-    /// the browser, the rest in chunks). On a GPU the guidance's attention pull-backs always
+    /// How attention without gradients is computed: auto (on a GPU burn's fused op, and in
+    /// the UNet it or our flash kernel, whichever the first call of each shape times faster;
+    /// score chunks on the CPU), chunked, fused, or kernel (the UNet's by our flash kernel, as
+    /// in the browser, the rest in chunks). On a GPU the guidance's attention pull-backs always
     /// run as our kernels.
     #[arg(long, value_enum, default_value_t = AttentionArg::Auto)]
     pub attention: AttentionArg,
@@ -415,12 +416,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         } else {
             "burn's conv2d"
         },
-        if uses_fused(&z) {
-            "burn's fused op"
-        } else if uses_kernel(&device, 40) {
-            "our flash kernel in the UNet, score chunks elsewhere"
-        } else {
-            "score chunks"
+        match (unet_attention(&device, 40), uses_fused(&z)) {
+            (UnetAttention::Kernel, _) => "our flash kernel in the UNet, score chunks elsewhere",
+            (UnetAttention::Timed, _) => {
+                "burn's fused op; in the UNet it or our flash kernel, whichever times faster per shape"
+            }
+            (UnetAttention::Composed, true) => "burn's fused op",
+            (UnetAttention::Composed, false) => "score chunks",
         },
         plan.warmups,
         plan.runs,
@@ -446,10 +448,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
     )?);
     if uses_fused(&z) {
-        // The same pass with the other two ways, for the fused op's share: score chunks (the
-        // CPU's) and our flash kernel (the browser's).
+        // The same pass each way, for each one's share: score chunks (the CPU's), burn's fused
+        // op alone, our flash kernel alone (the browser's).
         for (strategy, way) in [
             (AttentionStrategy::Chunked, "attention in score chunks"),
+            (AttentionStrategy::Fused, "attention by burn's fused op"),
             (AttentionStrategy::Kernel, "attention by our flash kernel"),
         ] {
             set_attention_strategy(strategy);
@@ -589,8 +592,39 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     for profile in rows.iter().filter_map(|r| r.profile.as_ref()) {
         println!("{profile}");
     }
+    print_attention_choices();
     eprintln!("bench: {} rows", rows.len());
     Ok(())
+}
+
+/// What `--attention auto` timed on this device for the UNet's attention, shape by shape.
+fn print_attention_choices() {
+    let timed = dragonedit::model::attention_choice::timed();
+    if timed.is_empty() {
+        return;
+    }
+    println!();
+    println!("#### attention timed per shape (`--attention auto`: the faster way is kept)");
+    println!();
+    println!(
+        "| batch x heads x queries x keys x head width | dtype | burn's fused op ms | our kernel ms | kernel's difference | kept |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (shape, t) in timed {
+        println!(
+            "| {} x {} x {} x {} x {} | {:?} | {:.2} | {:.2} | {:.1e} | {} |",
+            shape.batch,
+            shape.heads,
+            shape.queries,
+            shape.keys,
+            shape.head_width,
+            shape.dtype,
+            t.fused_ms,
+            t.kernel_ms,
+            t.kernel_error,
+            if t.kernel_wins() { "kernel" } else { "fused" },
+        );
+    }
 }
 
 /// Single operations at SD 1.5's shapes for this resolution, batch 2 (CFG): the two ways of

@@ -5,7 +5,8 @@ use burn::tensor::{Tensor, activation::gelu};
 
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
-use crate::model::attention::{AttentionPlan, uses_kernel};
+use crate::model::attention::{AttentionPlan, UnetAttention, unet_attention};
+use crate::model::attention_choice::kernel_is_faster;
 use crate::model::flash_attention::{attention_pull_back, flash_attention, runs_as_kernels};
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
 use crate::model::pullback::Kept;
@@ -102,9 +103,28 @@ impl Attention {
 
     /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
     fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
-        if uses_kernel(&q.device(), q.dims()[2] / self.heads) {
-            return flash_attention(q, k, v, self.heads);
+        let kernel = match unet_attention(&q.device(), q.dims()[2] / self.heads) {
+            UnetAttention::Kernel => true,
+            UnetAttention::Composed => false,
+            UnetAttention::Timed => kernel_is_faster(&q, &k, &v, self.heads, |q, k, v| {
+                self.composed(q, k, v, plan)
+            }),
+        };
+        if kernel {
+            flash_attention(q, k, v, self.heads)
+        } else {
+            self.composed(q, k, v, plan)
         }
+    }
+
+    /// [`core`](Self::core) through [`AttentionPlan::attend`], the heads laid out and back.
+    fn composed(
+        &self,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        plan: &AttentionPlan,
+    ) -> Tensor<3> {
         Self::merge_heads(plan.attend(
             self.split_heads(q),
             self.split_heads(k),

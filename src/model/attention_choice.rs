@@ -1,0 +1,227 @@
+//! Which way a native GPU computes the UNet's attention faster, timed on that GPU, once per
+//! shape. burn's fused op (autotuned natively) and our flash kernel (`flash_attention`) rank
+//! differently from one device to the next: on lavapipe the fused op wins the op alone, while
+//! on an H200 the fused op took 12.6 ms at [2,8,4096,40] and the kernel is predicted at a few
+//! (docs/BENCHMARKS.md). So with `AttentionStrategy::Auto` the first call of each shape runs
+//! both on its own inputs, compares their results and keeps the faster way for the process, as
+//! the browser does for convolutions (`conv_choice`).
+
+use std::sync::{Mutex, PoisonError};
+
+use web_time::Instant;
+
+use burn::tensor::{DType, Tensor};
+
+use super::flash_attention::flash_attention;
+
+/// Timed runs of each way, after a first call that compiles (and autotunes) it.
+const RUNS: usize = 3;
+
+/// One attention call's shape: the batch, heads, query and key counts, head width, dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub head_width: usize,
+    pub dtype: DType,
+}
+
+impl AttentionShape {
+    fn of(q: &Tensor<3>, k: &Tensor<3>, heads: usize) -> Self {
+        let [batch, queries, c] = q.dims();
+        Self {
+            batch,
+            heads,
+            queries,
+            keys: k.dims()[1],
+            head_width: c / heads.max(1),
+            dtype: q.dtype(),
+        }
+    }
+}
+
+/// The median milliseconds of each way, and how far the kernel's result is from the fused
+/// op's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionTimings {
+    pub fused_ms: f64,
+    pub kernel_ms: f64,
+    /// `max |kernel − fused| / max |fused|`; infinite where the kernel's result is not finite.
+    pub kernel_error: f64,
+    /// What the two may differ by anyway: each sums `keys` products in its own order and
+    /// rounds its result to the dtype once (f32 1e-3, f16 2e-2, with room). A kernel that
+    /// computes something else on some device is off by about the values' own size.
+    pub tolerance: f64,
+}
+
+impl AttentionTimings {
+    /// Whether the kernel is the faster way and computes the same; the fused op on a tie.
+    pub fn kernel_wins(&self) -> bool {
+        self.kernel_ms < self.fused_ms && self.kernel_error <= self.tolerance
+    }
+}
+
+static TIMED: Mutex<Vec<(AttentionShape, AttentionTimings)>> = Mutex::new(Vec::new());
+
+fn timed_list() -> std::sync::MutexGuard<'static, Vec<(AttentionShape, AttentionTimings)>> {
+    // A panic in another thread leaves timings that are still timings.
+    TIMED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every shape timed so far in this process, in the order timed (`bench` prints them).
+pub fn timed() -> Vec<(AttentionShape, AttentionTimings)> {
+    timed_list().clone()
+}
+
+/// Whether our kernel computes attention of `q` over `k`, `v` (`[b, n, heads · d]` tokens)
+/// faster than `fused` on their device: timed on these inputs at the first call of their
+/// shape, remembered after. If the device fails a read (lost), the fused op, untimed: the
+/// edit's own next read reports the loss.
+pub fn kernel_is_faster(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    heads: usize,
+    fused: impl Fn(Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>,
+) -> bool {
+    let shape = AttentionShape::of(q, k, heads);
+    if let Some((_, timings)) = timed_list().iter().find(|(s, _)| *s == shape) {
+        return timings.kernel_wins();
+    }
+    let kernel = |q, k, v| flash_attention(q, k, v, heads);
+    let Some(timings) = time_both(q, k, v, &fused, &kernel) else {
+        return false;
+    };
+    timed_list().push((shape, timings));
+    timings.kernel_wins()
+}
+
+type Way<'a> = &'a dyn Fn(Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>;
+
+fn time_both(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    fused: Way<'_>,
+    kernel: Way<'_>,
+) -> Option<AttentionTimings> {
+    let run = |way: Way<'_>| way(q.clone(), k.clone(), v.clone());
+    let want = values(run(fused))?;
+    let got = values(run(kernel))?;
+    let fused_ms = median_ms(|| finish(run(fused)))?;
+    let kernel_ms = median_ms(|| finish(run(kernel)))?;
+    Some(AttentionTimings {
+        fused_ms,
+        kernel_ms,
+        kernel_error: relative_error(&got, &want),
+        tolerance: if q.dtype() == DType::F32 { 1e-3 } else { 2e-2 },
+    })
+}
+
+fn values(t: Tensor<3>) -> Option<Vec<f32>> {
+    t.cast(DType::F32)
+        .try_into_data()
+        .ok()?
+        .try_to_vec::<f32>()
+        .ok()
+}
+
+/// Waits for `t`, reading back one value of it.
+fn finish(t: Tensor<3>) -> Option<()> {
+    t.sum().try_into_data().ok().map(|_| ())
+}
+
+/// The median milliseconds of [`RUNS`] calls of `run`.
+fn median_ms(run: impl Fn() -> Option<()>) -> Option<f64> {
+    let mut times = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        run()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
+}
+
+/// `max |got − want| / max |want|`; infinite where `got` is not finite or the lengths differ.
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let scale = want
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0f32, f32::max);
+    f64::from(diff / scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_only_where_faster_and_accurate() {
+        let timings = |kernel_ms, kernel_error| AttentionTimings {
+            fused_ms: 2.0,
+            kernel_ms,
+            kernel_error,
+            tolerance: 1e-3,
+        };
+        assert!(timings(1.0, 1e-6).kernel_wins());
+        assert!(!timings(3.0, 1e-6).kernel_wins());
+        assert!(!timings(2.0, 1e-6).kernel_wins());
+        // Faster, but computing something else.
+        assert!(!timings(1.0, 0.5).kernel_wins());
+        assert!(!timings(1.0, f64::INFINITY).kernel_wins());
+    }
+
+    #[test]
+    fn relative_error_of_the_largest_difference() {
+        assert_eq!(relative_error(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
+        assert_eq!(relative_error(&[f32::NAN, 4.0], &[1.0, 4.0]), f64::INFINITY);
+        assert_eq!(relative_error(&[1.0], &[1.0, 4.0]), f64::INFINITY);
+    }
+
+    /// On the test GPU both ways run on real inputs, their results agree, the timings are
+    /// recorded once per shape, and the choice follows them.
+    #[test]
+    fn times_each_shape_once_on_the_gpu() {
+        let Some(device) = crate::device::test_gpu() else {
+            return;
+        };
+        let (heads, d) = (2, 8);
+        let c = heads * d;
+        let q = crate::model::wave([1, 37, c], 0.37, [1.0, 0.0], &device);
+        let k = crate::model::wave([1, 37, c], 0.53, [1.0, 0.0], &device);
+        let v = crate::model::wave([1, 37, c], 0.71, [1.0, 0.0], &device);
+        let fused = |q: Tensor<3>, k: Tensor<3>, v: Tensor<3>| {
+            let split = |t: Tensor<3>| t.reshape([1, 37, heads, d]).swap_dims(1, 2);
+            let o = crate::model::attention::attend_fused(split(q), split(k), split(v));
+            o.swap_dims(1, 2).reshape([1, 37, c])
+        };
+        let shape = AttentionShape::of(&q, &k, heads);
+        let first = kernel_is_faster(&q, &k, &v, heads, fused);
+        let again = kernel_is_faster(&q, &k, &v, heads, |_, _, _| panic!("timed twice"));
+        assert_eq!(first, again);
+        let timed: Vec<_> = timed().into_iter().filter(|(s, _)| *s == shape).collect();
+        assert_eq!(timed.len(), 1, "{timed:?}");
+        let t = timed[0].1;
+        // Both sum 37 products in f32 in their own orders.
+        assert!(t.kernel_error < 1e-5, "{t:?}");
+        assert!(t.fused_ms > 0.0 && t.kernel_ms > 0.0, "{t:?}");
+        assert_eq!(first, t.kernel_wins());
+    }
+}
