@@ -12,6 +12,7 @@ use web_time::Instant;
 
 use burn::tensor::{DType, Tensor};
 
+use super::conv_choice::relative_error;
 use super::flash_attention::flash_attention;
 
 /// Timed runs of each way, after a first call that compiles (and autotunes) it.
@@ -145,29 +146,6 @@ fn median_ms(run: impl Fn() -> Option<()>) -> Option<f64> {
     Some(times[times.len() / 2])
 }
 
-/// `max |got − want| / max |want|`; infinite where `got` is not finite or the lengths differ.
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let scale = want
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| {
-            if a.is_finite() {
-                (a - b).abs()
-            } else {
-                f32::INFINITY
-            }
-        })
-        .fold(0f32, f32::max);
-    f64::from(diff / scale)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,13 +164,6 @@ mod tests {
         // Faster, but computing something else.
         assert!(!timings(1.0, 0.5).kernel_wins());
         assert!(!timings(1.0, f64::INFINITY).kernel_wins());
-    }
-
-    #[test]
-    fn relative_error_of_the_largest_difference() {
-        assert_eq!(relative_error(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
-        assert_eq!(relative_error(&[f32::NAN, 4.0], &[1.0, 4.0]), f64::INFINITY);
-        assert_eq!(relative_error(&[1.0], &[1.0, 4.0]), f64::INFINITY);
     }
 
     /// On the test GPU both ways run on real inputs, their results agree, the timings are

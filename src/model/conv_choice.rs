@@ -89,14 +89,17 @@ pub async fn time_convolutions(
     Ok(ConvTimings {
         direct_ms,
         gemm_ms,
-        direct_error: error(&direct_out, reference),
-        gemm_error: error(&gemm_out, reference),
+        direct_error: relative_error(&direct_out, reference),
+        gemm_error: relative_error(&gemm_out, reference),
         tolerance: if dtype == DType::F32 { 1e-3 } else { 2e-2 },
     })
 }
 
-/// `max |got - want| / max |want|`; infinite where `got` is not finite.
-fn error(got: &[f32], want: &[f32]) -> f64 {
+/// `max |got - want| / max |want|`; infinite where `got` is not finite or the lengths differ.
+pub(super) fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
     let scale = want
         .iter()
         .fold(0f32, |m, v| m.max(v.abs()))
@@ -145,6 +148,13 @@ mod tests {
             assert!(t.gemm_error < bound && t.direct_error < bound, "{t:?}");
             assert!(t.gemm_is_accurate(), "{t:?}");
         }
+    }
+
+    #[test]
+    fn relative_error_of_the_largest_difference() {
+        assert_eq!(relative_error(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
+        assert_eq!(relative_error(&[f32::NAN, 4.0], &[1.0, 4.0]), f64::INFINITY);
+        assert_eq!(relative_error(&[1.0], &[1.0, 4.0]), f64::INFINITY);
     }
 
     #[test]
