@@ -607,12 +607,12 @@ fn print_attention_choices() {
     println!("#### attention timed per shape (`--attention auto`: the faster way is kept)");
     println!();
     println!(
-        "| batch x heads x queries x keys x head width | dtype | burn's fused op ms | our kernel ms | kernel's difference | kept |"
+        "| batch x heads x queries x keys x head width | dtype | burn's fused op ms | our kernel ms | fused op's error | kernel's error | kept |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (shape, t) in timed {
         println!(
-            "| {} x {} x {} x {} x {} | {:?} | {:.2} | {:.2} | {:.1e} | {} |",
+            "| {} x {} x {} x {} x {} | {:?} | {:.2} | {:.2} | {:.1e} | {:.1e} | {} |",
             shape.batch,
             shape.heads,
             shape.queries,
@@ -621,6 +621,7 @@ fn print_attention_choices() {
             shape.dtype,
             t.fused_ms,
             t.kernel_ms,
+            t.fused_error,
             t.kernel_error,
             if t.kernel_wins() { "kernel" } else { "fused" },
         );
