@@ -526,6 +526,16 @@ mod kernel {
         }
     }
 
+    /// How many of the `tile` rows staged from `start` are real, of `n`.
+    #[cube]
+    fn rows_in_tile(n: usize, start: usize, #[comptime] tile: usize) -> usize {
+        let mut count = n - start;
+        if count > tile {
+            count = tile;
+        }
+        count
+    }
+
     /// The sum of a quad's four lanes.
     #[cube]
     fn lanes_sum(quad: Quad) -> f32 {
@@ -650,10 +660,7 @@ mod kernel {
                 units,
             );
             sync_cube();
-            let mut count = nk - start;
-            if count > tile {
-                count = tile;
-            }
+            let count = rows_in_tile(nk, start, tile);
             if at_.active {
                 for j in 0..count {
                     let s = dot(query, &staged_k, j, quads);
@@ -855,10 +862,7 @@ mod kernel {
                 e += units;
             }
             sync_cube();
-            let mut count = nq - start;
-            if count > tile {
-                count = tile;
-            }
+            let count = rows_in_tile(nq, start, tile);
             if at_.active {
                 for i in 0..count {
                     let s = dot(&key, &staged_q, i, quads);
