@@ -475,6 +475,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             read(sd.unet.forward(pair, 981.0, &context, &mut NoHook))
         },
     )?);
+    // Every UNet shape has been timed by now; stdout repeats the table after the last row,
+    // which a time limit may never let come.
+    eprint!("{}", attention_choices());
 
     let image = Tensor::<4>::random(
         [1, 3, size as usize, size as usize],
@@ -592,26 +595,28 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     for profile in rows.iter().filter_map(|r| r.profile.as_ref()) {
         println!("{profile}");
     }
-    print_attention_choices();
+    print!("{}", attention_choices());
     eprintln!("bench: {} rows", rows.len());
     Ok(())
 }
 
-/// What `--attention auto` timed on this device for the UNet's attention, shape by shape.
-fn print_attention_choices() {
+/// What `--attention auto` timed on this device for the UNet's attention, shape by shape, as
+/// a table (empty when nothing was timed).
+fn attention_choices() -> String {
+    use std::fmt::Write;
     let timed = dragonedit::model::attention_choice::timed();
     if timed.is_empty() {
-        return;
+        return String::new();
     }
-    println!();
-    println!("#### attention timed per shape (`--attention auto`: the faster way is kept)");
-    println!();
-    println!(
-        "| batch x heads x queries x keys x head width | dtype | burn's fused op ms | our kernel ms | fused op's error | kernel's error | kept |"
+    let mut s = String::from(
+        "\n#### attention timed per shape (`--attention auto`: the faster way is kept)\n\n\
+         | batch x heads x queries x keys x head width | dtype | burn's fused op ms | our kernel ms | fused op's error | kernel's error | kept |\n\
+         |---|---|---|---|---|---|---|\n",
     );
-    println!("|---|---|---|---|---|---|---|");
     for (shape, t) in timed {
-        println!(
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            s,
             "| {} x {} x {} x {} x {} | {:?} | {:.2} | {:.2} | {:.1e} | {:.1e} | {} |",
             shape.batch,
             shape.heads,
@@ -626,6 +631,7 @@ fn print_attention_choices() {
             if t.kernel_wins() { "kernel" } else { "fused" },
         );
     }
+    s
 }
 
 /// Single operations at SD 1.5's shapes for this resolution, batch 2 (CFG): the two ways of
