@@ -1,10 +1,11 @@
 //! Which way a native GPU computes the UNet's attention faster, timed on that GPU, once per
 //! shape. burn's fused op (autotuned natively) and our flash kernel (`flash_attention`) rank
 //! differently from one device to the next: on lavapipe the fused op wins the op alone, while
-//! on an H200 the fused op took 12.6 ms at [2,8,4096,40] and the kernel is predicted at a few
-//! (docs/BENCHMARKS.md). So with `AttentionStrategy::Auto` the first call of each shape runs
-//! both on its own inputs, compares their results and keeps the faster way for the process, as
-//! the browser does for convolutions (`conv_choice`).
+//! on an H200 the kernel took 3.8 ms at [2,8,4096,40] against the fused op's 21-33 ms (12.6 on
+//! another H200 machine: its autotune varies; docs/BENCHMARKS.md). So with
+//! `AttentionStrategy::Auto` the first call of each shape runs both on its own inputs, compares
+//! their results and keeps the faster way for the process, as the browser does for
+//! convolutions (`conv_choice`).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -142,9 +143,18 @@ fn values(t: Tensor<3>) -> Option<Vec<f32>> {
         .ok()
 }
 
-/// Waits for `t`, reading back one value of it.
+/// Waits for `t`, reading back one value of it. The value's bytes must be taken: burn's
+/// `TensorData` holds a read that completes only when they are, so a read left untouched
+/// returned in 0.2 ms before a 270 ms kernel had run (lavapipe), and the H200's first timings
+/// were 10-40 times too short.
 fn finish(t: Tensor<3>) -> Option<()> {
-    t.sum().try_into_data().ok().map(|_| ())
+    t.sum()
+        .cast(DType::F32)
+        .try_into_data()
+        .ok()?
+        .try_to_vec::<f32>()
+        .ok()
+        .map(|_| ())
 }
 
 /// The median milliseconds of [`RUNS`] calls of `run`.
