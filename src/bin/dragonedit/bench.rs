@@ -18,6 +18,7 @@ use dragonedit::model::flash_attention::runs_as_kernels;
 use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
+use dragonedit::progress::Phase;
 use dragonedit::{StableDiffusion, device, heap, launches};
 
 use crate::app::Gradients;
@@ -198,11 +199,20 @@ fn measure(
     let Plan { warmups, runs, .. } = plan;
     eprintln!("bench: {name} ({warmups} warm-ups + {runs} runs)");
     let heap_base = heap::start();
+    let warm = Instant::now();
     for _ in 0..warmups {
         f()?;
         device
             .sync()
             .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+    }
+    if warmups > 0 {
+        // The first run compiles the row's kernels and autotunes its products: on a fresh
+        // H200 process that, not the timed runs, took most of the time.
+        eprintln!(
+            "bench: {name}: warm-ups took {:.1} s",
+            warm.elapsed().as_secs_f64()
+        );
     }
     let mut times_ms = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -558,11 +568,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 }
             };
             rows.extend(measure(&name, edit_plan, &device, || {
-                block_on(editor.run(&edit, None, &mut |_| {
+                let mut phases = PhaseClock::new(&device);
+                block_on(editor.run(&edit, None, &mut |p| {
                     sample();
+                    phases.reached(p.phase);
                     true
                 }))?;
                 sample();
+                eprintln!("bench: {name}: {}", phases.finish());
                 Ok(())
             })?);
             if reserved.get() > 0 {
@@ -598,6 +611,54 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     print!("{}", attention_choices());
     eprintln!("bench: {} rows", rows.len());
     Ok(())
+}
+
+/// Wall time per phase of one whole edit. Natively the engine lets the device's queue run
+/// ahead of its progress reports, so the clock waits for the device at each change of phase:
+/// a phase's time is then its own work, not the queue it inherited.
+struct PhaseClock<'a> {
+    device: &'a Device,
+    current: Option<Phase>,
+    /// When the current phase began (the clock's creation for the first).
+    since: Instant,
+    spent: Vec<(Phase, f64)>,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(device: &'a Device) -> Self {
+        Self {
+            device,
+            current: None,
+            since: Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    fn reached(&mut self, phase: Phase) {
+        if self.current != Some(phase) {
+            self.close();
+            self.current = Some(phase);
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(phase) = self.current.take() {
+            // A lost device shows in the edit's own next read; the clock only stops here.
+            let _ = self.device.sync();
+            self.spent.push((phase, self.since.elapsed().as_secs_f64()));
+            self.since = Instant::now();
+        }
+    }
+
+    /// "phase 1.20 s, phase 3.40 s, ...", in the order the phases came.
+    fn finish(mut self) -> String {
+        self.close();
+        self.spent
+            .iter()
+            .map(|(phase, s)| format!("{phase} {s:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// What `--attention auto` timed on this device for the UNet's attention, shape by shape, as
