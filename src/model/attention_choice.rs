@@ -135,7 +135,9 @@ fn time_both(
     })
 }
 
-fn values(t: Tensor<3>) -> Option<Vec<f32>> {
+/// `t`'s values in f32 on the host. Taking the bytes is what waits for the device (see
+/// [`finish`]).
+fn values<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
     t.cast(DType::F32)
         .try_into_data()
         .ok()?
@@ -148,13 +150,7 @@ fn values(t: Tensor<3>) -> Option<Vec<f32>> {
 /// returned in 0.2 ms before a 270 ms kernel had run (lavapipe), and the H200's first timings
 /// were 10-40 times too short.
 fn finish(t: Tensor<3>) -> Option<()> {
-    t.sum()
-        .cast(DType::F32)
-        .try_into_data()
-        .ok()?
-        .try_to_vec::<f32>()
-        .ok()
-        .map(|_| ())
+    values(t.sum()).map(|_| ())
 }
 
 /// The median milliseconds of [`RUNS`] calls of `run`.

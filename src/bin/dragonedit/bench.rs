@@ -198,13 +198,16 @@ fn measure(
     }
     let Plan { warmups, runs, .. } = plan;
     eprintln!("bench: {name} ({warmups} warm-ups + {runs} runs)");
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
+    };
     let heap_base = heap::start();
     let warm = Instant::now();
     for _ in 0..warmups {
         f()?;
-        device
-            .sync()
-            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        sync()?;
     }
     if warmups > 0 {
         // The first run compiles the row's kernels and autotunes its products: on a fresh
@@ -218,18 +221,11 @@ fn measure(
     for _ in 0..runs {
         let t0 = Instant::now();
         f()?;
-        device
-            .sync()
-            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        sync()?;
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let (peak_mib, largest_mib) = pool(device);
     let heap_mib = mib(heap::peak_since(heap_base) as u64);
-    let sync = || {
-        device
-            .sync()
-            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
-    };
     let profile = if plan.profile {
         let p = block_on(launches::profile(true, &mut f, sync))?;
         let table = launches::table(name, &p, PROFILE_TOP);
