@@ -28,6 +28,13 @@ if [ -z "$BIN" ]; then
   BIN=/tmp/dragonedit
   xz -dc .bench/dragonedit.xz > "$BIN" && chmod +x "$BIN"
 fi
+# The `spirv` build (kernels in SPIR-V, matrix cores where the driver offers them), for the
+# ours-spirv steps; BIN_SPIRV names another.
+BIN_SPIRV="${BIN_SPIRV:-}"
+if [ -z "$BIN_SPIRV" ] && [ -f .bench/dragonedit-spirv.xz ]; then
+  BIN_SPIRV=/tmp/dragonedit-spirv
+  xz -dc .bench/dragonedit-spirv.xz > "$BIN_SPIRV" && chmod +x "$BIN_SPIRV"
+fi
 if ls .bench/diffusers-*.whl >/dev/null 2>&1 && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install --quiet --no-deps --target /tmp/pylib .bench/diffusers-*.whl
   export PYTHONPATH="/tmp/pylib${PYTHONPATH:+:$PYTHONPATH}"
@@ -87,7 +94,11 @@ step() { # name, seconds, command...
 # a UNet pass and a lean guidance evaluation launch, with their device time: what dominates),
 # ours-f16-tasks (the UNet passes and the lean guidance with cubecl's wgpu submitting every
 # 32 (its default), 128 and 512 dispatches: whether the per-submit cost is part of the
-# launch cost on a real card; lavapipe's timings are too noisy to say).
+# launch cost on a real card; lavapipe's timings are too noisy to say), ours-spirv-f16 (the
+# f16 step's rows from the `spirv` build: the same engine with SPIR-V kernels and, where the
+# driver offers cooperative matrices, matrix products on the tensor cores),
+# ours-spirv-f16-direct (its UNet passes and guidance with burn's conv2d, whose implicit-GEMM
+# kernels can use the tensor cores too), ours-spirv-f16-profile (what dominates then).
 STEPS="${STEPS:-ours-f16 torch-fp16 ours-f32 torch-fp32}"
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # shellcheck disable=SC2086 # the argument strings are word lists on purpose
@@ -103,6 +114,11 @@ wanted() { [[ " $STEPS " == *" $1 "* ]]; }
   for tasks in 32 128 512; do
     wanted ours-f16-tasks && CUBECL_WGPU_MAX_TASKS=$tasks step "ours-f16-tasks-$tasks" 60 "$BIN" bench --f16 --runs 5 --skip-edits --only "batch 1,batch 2,lean"
   done
+  if [ -n "$BIN_SPIRV" ]; then
+    wanted ours-spirv-f16 && step ours-spirv-f16 360 "$BIN_SPIRV" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op: attention,batch,VAE,lean,inversion,whole edit: move,whole edit: drag,second"
+    wanted ours-spirv-f16-direct && step ours-spirv-f16-direct 90 "$BIN_SPIRV" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "batch,lean"
+    wanted ours-spirv-f16-profile && step ours-spirv-f16-profile 150 "$BIN_SPIRV" bench --f16 --runs 1 --profile --skip-edits --only "batch 1,batch 2,lean"
+  fi
   wanted ours-f16-tape && step ours-f16-tape 90 "$BIN" bench $PASS_ARGS --f16 --skip-edits --only "autodiff tape"
   wanted ours-f32 && step ours-f32 100 "$BIN" bench $PASS_ARGS --skip-edits --only "op:,batch,VAE,lean,flash,inversion"
   wanted torch-fp32 && step torch-fp32 50 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp32 --skip-edits --json "$RES/torch-fp32.json"

@@ -108,6 +108,33 @@ pub fn is_native_gpu(device: &Device) -> bool {
     cfg!(not(target_family = "wasm")) && device.memory_pool_report().is_some()
 }
 
+/// What a native GPU's kernels are compiled to, and whether its matrix products can use the
+/// card's matrix cores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelLanguage {
+    /// cubecl's runtime name: `wgpu<wgsl>` (the browser's language), `wgpu<spirv>`.
+    pub runtime: &'static str,
+    /// Cooperative matrices (tensor cores), which only SPIR-V on Vulkan can ask for: the
+    /// `spirv` build on a card whose driver offers them.
+    pub matrix_cores: bool,
+}
+
+/// [`KernelLanguage`] of a native wgpu device; `None` for the CPU and the browser.
+#[cfg(not(target_family = "wasm"))]
+pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
+    let device = device.clone().without_autodiff();
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
+            let client = cube.client();
+            Some(KernelLanguage {
+                runtime: client.name(),
+                matrix_cores: !client.properties().features.matmul.cmma.is_empty(),
+            })
+        }
+        _ => None,
+    }
+}
+
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
 pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     if want_f16 && device.supports_dtype(DType::F16) {

@@ -823,6 +823,16 @@ fn tokens_of(t: &Tensor<4>) -> Tensor<3> {
     t.clone().swap_dims(1, 2).reshape([b, n, heads * d])
 }
 
+/// The device, and natively the card, what its kernels are compiled to and whether its matrix
+/// products reach the card's matrix cores: a table from the `spirv` build says so.
 fn device_name(device: &Device) -> String {
-    format!("{device:?}")
+    let card = device.identity().map(|id| id.name).unwrap_or_default();
+    match dragonedit::device::kernel_language(device) {
+        Some(language) => format!(
+            "{device:?} ({card}; kernels: {}, matrix cores: {})",
+            language.runtime,
+            if language.matrix_cores { "yes" } else { "no" }
+        ),
+        None => format!("{device:?}"),
+    }
 }

@@ -67,7 +67,26 @@ pub fn open_device_with_pools(cpu: bool, pools: device::PoolLayout) -> Result<De
     if cpu {
         return Ok(device::cpu());
     }
-    Ok(device::gpu_with_pools(device::GraphicsApi::Native, pools)?)
+    let gpu = device::gpu_with_pools(device::GraphicsApi::Native, pools)?;
+    if cfg!(feature = "spirv") {
+        warn_without_matrix_cores(&gpu);
+    }
+    Ok(gpu)
+}
+
+/// The `spirv` build is for cards whose Vulkan driver offers cooperative matrices (NVIDIA's):
+/// elsewhere it gains nothing over the default build, and on Mesa's lavapipe (22.3 and 25.0)
+/// cubecl 0.11.3's SPIR-V for kernels with workgroup memory crashed the driver.
+fn warn_without_matrix_cores(gpu: &Device) {
+    match device::kernel_language(gpu) {
+        Some(language) if language.matrix_cores => {}
+        Some(language) => eprintln!(
+            "warning: this is the `spirv` build, but the GPU's kernels run as {} without \
+             matrix cores; the default build (WGSL) is the tested one, use it if this run fails",
+            language.runtime
+        ),
+        None => {}
+    }
 }
 
 /// The local folder of `--model`: itself, or the cached download of a URL.
