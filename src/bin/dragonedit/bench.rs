@@ -175,6 +175,32 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
+/// The pool as a line for stderr: what live tensors use and what is reserved now, and each
+/// pool's page size with its pages held now and at most. Printed before and after each row,
+/// it tells a row's own reservation from what earlier rows and the weights left.
+fn pool_line(device: &Device) -> Option<String> {
+    let usage = device.memory_pool_usage()?;
+    let pages: Vec<String> = device
+        .memory_pool_report()?
+        .iter()
+        .filter(|p| p.pages_peak > 0)
+        .map(|p| {
+            format!(
+                "{} x {:.1} MiB (peak {})",
+                p.pages,
+                mib(p.page_size),
+                p.pages_peak
+            )
+        })
+        .collect();
+    Some(format!(
+        "in use {:.0} MiB, reserved {:.0} MiB; pages: {}",
+        mib(usage.bytes_in_use),
+        mib(usage.bytes_reserved),
+        pages.join(", ")
+    ))
+}
+
 fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
     let Some(report) = device.memory_pool_report() else {
         return (None, None);
@@ -203,6 +229,9 @@ fn measure(
             .sync()
             .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
     };
+    if let Some(line) = pool_line(device) {
+        eprintln!("bench: {name}: pool before: {line}");
+    }
     let heap_base = heap::start();
     let warm = Instant::now();
     for _ in 0..warmups {
@@ -226,6 +255,9 @@ fn measure(
     }
     let (peak_mib, largest_mib) = pool(device);
     let heap_mib = mib(heap::peak_since(heap_base) as u64);
+    if let Some(line) = pool_line(device) {
+        eprintln!("bench: {name}: pool after: {line}");
+    }
     let profile = if plan.profile {
         let p = block_on(launches::profile(true, &mut f, sync))?;
         let table = launches::table(name, &p, PROFILE_TOP);
