@@ -79,6 +79,10 @@ impl StableDiffusion {
         let unet = Unet::load(&unet_config, &mut w)?;
         w.finish(&[])?;
         drop(reader);
+        // What loading left behind (the values uploaded before their cast to `dtype`, copies
+        // made to shape parameters) goes back before the first edit takes its pages: in the
+        // browser's one-page-per-allocation pools those pages would otherwise stay reserved.
+        crate::device::release_unused(device);
         tick(3)?;
 
         Ok(Self {

@@ -193,16 +193,21 @@ fn pool_line(device: &Device) -> Option<String> {
             )
         })
         .collect();
+    let pages = if pages.is_empty() {
+        String::new()
+    } else {
+        format!("; pages: {}", pages.join(", "))
+    };
     Some(format!(
-        "in use {:.0} MiB, reserved {:.0} MiB; pages: {}",
+        "in use {:.0} MiB, reserved {:.0} MiB{pages}",
         mib(usage.bytes_in_use),
         mib(usage.bytes_reserved),
-        pages.join(", ")
     ))
 }
 
 fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
-    let Some(report) = device.memory_pool_report() else {
+    // The browser's layout (`--pools exclusive`) reports no sliced pools: n/a, not 0.
+    let Some(report) = device.memory_pool_report().filter(|r| !r.is_empty()) else {
         return (None, None);
     };
     let peak: u64 = report.iter().map(|p| p.pages_peak * p.page_size).sum();
