@@ -737,7 +737,7 @@ mod tests {
     #[test]
     fn gemm_convolution_equals_burns() {
         // f32 sums of 45 products of values under 1 in two orders: far under 1e-5.
-        gemm_equals_burns_on(&Device::flex(), 1e-5);
+        gemm_equals_burns_on(Device::flex(), 1e-5);
     }
 
     #[test]
@@ -748,11 +748,10 @@ mod tests {
         let Some(device) = crate::device::test_gpu() else {
             return;
         };
-        gemm_equals_burns_on(&device, 1e-4);
+        gemm_equals_burns_on(device, 1e-4);
     }
 
-    fn gemm_equals_burns_on(device: &Device, tolerance: f32) {
-        let device = device.clone();
+    fn gemm_equals_burns_on(device: Device, tolerance: f32) {
         let x = wave([2, 5, 7, 6], 0.3, &device);
         let bias = wave([4], 2.0, &device);
         for (k, p, s) in [(3, 1, 1), (1, 0, 1), (3, 0, 1), (3, 1, 2)] {
