@@ -30,10 +30,11 @@ impl Default for AttentionPlan {
 /// How attention is computed where no gradient flows through it, for the whole process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionStrategy {
-    /// On a native GPU [`Fused`](AttentionStrategy::Fused), but the UNet's attention by burn's
-    /// fused op or our flash kernel, whichever the first call of each shape times faster
-    /// (`attention_choice`); [`Kernel`](AttentionStrategy::Kernel) in the browser; else
-    /// [`Chunked`](AttentionStrategy::Chunked).
+    /// The UNet's attention on a native GPU by burn's fused op or our flash kernel, whichever
+    /// the first call of each shape times faster (`attention_choice`); in the browser by our
+    /// kernel; the rest (the VAE's, the text encoder's, the CPU's) in score chunks. Not the
+    /// fused op for the VAE's one 512-wide head: on an H200 its autotune had not finished the
+    /// encode's warm-up in 80 s, where the chunks' warm-up, run and profile took 72 s.
     #[default]
     Auto,
     /// Score chunks under [`AttentionPlan::max_score_bytes`], softmax, matmul.
@@ -65,16 +66,11 @@ fn strategy() -> AttentionStrategy {
 }
 
 /// Whether [`AttentionPlan::attend`] hands `q` (not causal, not under autodiff) to burn's fused
-/// op.
+/// op: only with the strategy [`Fused`](AttentionStrategy::Fused). (With `Auto` the UNet's
+/// timed choice calls [`attend_fused`] itself.)
 pub fn uses_fused(q: &Tensor<4>) -> bool {
-    // Under autodiff burn always differentiates the materialising fallback (BURN.md §4). Checked
-    // first: it spares the device query on the guidance's hot path.
-    !q.is_autodiff()
-        && match strategy() {
-            AttentionStrategy::Chunked | AttentionStrategy::Kernel => false,
-            AttentionStrategy::Fused => true,
-            AttentionStrategy::Auto => crate::device::is_native_gpu(&q.device()),
-        }
+    // Under autodiff burn always differentiates the materialising fallback (BURN.md §4).
+    !q.is_autodiff() && strategy() == AttentionStrategy::Fused
 }
 
 /// How the UNet's attention runs.
@@ -84,8 +80,8 @@ pub enum UnetAttention {
     Kernel,
     /// [`AttentionPlan::attend`]: burn's fused op or score chunks, by the strategy.
     Composed,
-    /// Whichever of the two the first call of its shape times faster on the device
-    /// (`attention_choice::kernel_is_faster`).
+    /// Whichever of our kernel and burn's fused op ([`attend_fused`]) the first call of its
+    /// shape times faster on the device (`attention_choice::kernel_is_faster`).
     Timed,
 }
 

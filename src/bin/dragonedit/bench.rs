@@ -462,7 +462,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         match (unet_attention(&device, 40), uses_fused(&z)) {
             (UnetAttention::Kernel, _) => "our flash kernel in the UNet, score chunks elsewhere",
             (UnetAttention::Timed, _) => {
-                "burn's fused op; in the UNet it or our flash kernel, whichever times faster per shape"
+                "score chunks; in the UNet burn's fused op or our flash kernel, whichever times faster per shape"
             }
             (UnetAttention::Composed, true) => "burn's fused op",
             (UnetAttention::Composed, false) => "score chunks",
@@ -490,7 +490,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         &device,
         || read(sd.unet.forward(z.clone(), 981.0, &cond, &mut NoHook)),
     )?);
-    if uses_fused(&z) {
+    if uses_fused(&z) || unet_attention(&device, 40) == UnetAttention::Timed {
         // The same pass each way, for each one's share: score chunks (the CPU's), burn's fused
         // op alone, our flash kernel alone (the browser's).
         for (strategy, way) in [

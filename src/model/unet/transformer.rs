@@ -5,7 +5,7 @@ use burn::tensor::{Tensor, activation::gelu};
 
 use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
-use crate::model::attention::{AttentionPlan, UnetAttention, unet_attention};
+use crate::model::attention::{AttentionPlan, UnetAttention, attend_fused, unet_attention};
 use crate::model::attention_choice::kernel_is_faster;
 use crate::model::flash_attention::{attention_pull_back, flash_attention, runs_as_kernels};
 use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
@@ -103,18 +103,27 @@ impl Attention {
 
     /// Multi-head attention of projected `[B, N, C]` queries, keys and values, before `to_out`.
     fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &AttentionPlan) -> Tensor<3> {
-        let kernel = match unet_attention(&q.device(), q.dims()[2] / self.heads) {
-            UnetAttention::Kernel => true,
-            UnetAttention::Composed => false,
-            UnetAttention::Timed => kernel_is_faster(&q, &k, &v, self.heads, |q, k, v| {
-                self.composed(q, k, v, plan)
-            }),
-        };
-        if kernel {
-            flash_attention(q, k, v, self.heads)
-        } else {
-            self.composed(q, k, v, plan)
+        match unet_attention(&q.device(), q.dims()[2] / self.heads) {
+            UnetAttention::Kernel => flash_attention(q, k, v, self.heads),
+            UnetAttention::Composed => self.composed(q, k, v, plan),
+            UnetAttention::Timed => {
+                let fused = |q, k, v| self.fused(q, k, v);
+                if kernel_is_faster(&q, &k, &v, self.heads, fused) {
+                    flash_attention(q, k, v, self.heads)
+                } else {
+                    fused(q, k, v)
+                }
+            }
         }
+    }
+
+    /// [`core`](Self::core) by burn's fused op, the heads laid out and back.
+    fn fused(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+        Self::merge_heads(attend_fused(
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+        ))
     }
 
     /// [`core`](Self::core) through [`AttentionPlan::attend`], the heads laid out and back.
