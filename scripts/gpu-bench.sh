@@ -101,23 +101,27 @@ step() { # name, seconds, command...
 # kernels can use the tensor cores too), ours-spirv-f16-profile (what dominates then).
 STEPS="${STEPS:-ours-f16 torch-fp16 ours-f32 torch-fp32}"
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+# Row lists that the WGSL steps and their spirv twins share.
+F16_ROWS="op: attention,batch,VAE,lean,inversion,whole edit: move,whole edit: drag,second"
+DIRECT_ROWS="batch,lean"
+PROFILE_ROWS="batch 1,batch 2,lean"
 # shellcheck disable=SC2086 # the argument strings are word lists on purpose
 {
   # PyTorch first: it is short and steady, so a deadline cuts our steps, not the baseline.
   wanted torch-fp16 && step torch-fp16 100 python3 tests/reference/bench_torch.py $TORCH_ARGS --dtype fp16 --json "$RES/torch-fp16.json"
-  wanted ours-f16 && step ours-f16 360 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op: attention,batch,VAE,lean,flash,inversion,whole edit: move,whole edit: drag,second"
+  wanted ours-f16 && step ours-f16 360 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "$F16_ROWS,flash"
   wanted ours-f16-edit && step ours-f16-edit 250 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op:,batch 2,inversion,whole edit: drag,second"
-  wanted ours-f16-direct && step ours-f16-direct 60 "$BIN" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "batch,lean"
+  wanted ours-f16-direct && step ours-f16-direct 60 "$BIN" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "$DIRECT_ROWS"
   wanted ours-f16-browser-pools && step ours-f16-browser-pools 200 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --pools exclusive --only "batch 2,whole edit: move"
   wanted ours-f16-edit-flash && step ours-f16-edit-flash 200 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --gradients flash --only "batch 2,whole edit: move"
-  wanted ours-f16-profile && step ours-f16-profile 150 "$BIN" bench --f16 --runs 1 --profile --skip-edits --only "batch 1,batch 2,lean"
+  wanted ours-f16-profile && step ours-f16-profile 150 "$BIN" bench --f16 --runs 1 --profile --skip-edits --only "$PROFILE_ROWS"
   for tasks in 32 128 512; do
     wanted ours-f16-tasks && CUBECL_WGPU_MAX_TASKS=$tasks step "ours-f16-tasks-$tasks" 60 "$BIN" bench --f16 --runs 5 --skip-edits --only "batch 1,batch 2,lean"
   done
   if [ -n "$BIN_SPIRV" ]; then
-    wanted ours-spirv-f16 && step ours-spirv-f16 360 "$BIN_SPIRV" bench $PASS_ARGS --f16 $EDIT_ARGS --only "op: attention,batch,VAE,lean,inversion,whole edit: move,whole edit: drag,second"
-    wanted ours-spirv-f16-direct && step ours-spirv-f16-direct 90 "$BIN_SPIRV" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "batch,lean"
-    wanted ours-spirv-f16-profile && step ours-spirv-f16-profile 150 "$BIN_SPIRV" bench --f16 --runs 1 --profile --skip-edits --only "batch 1,batch 2,lean"
+    wanted ours-spirv-f16 && step ours-spirv-f16 360 "$BIN_SPIRV" bench $PASS_ARGS --f16 $EDIT_ARGS --only "$F16_ROWS"
+    wanted ours-spirv-f16-direct && step ours-spirv-f16-direct 90 "$BIN_SPIRV" bench $PASS_ARGS --f16 --conv direct --skip-edits --only "$DIRECT_ROWS"
+    wanted ours-spirv-f16-profile && step ours-spirv-f16-profile 150 "$BIN_SPIRV" bench --f16 --runs 1 --profile --skip-edits --only "$PROFILE_ROWS"
   fi
   wanted ours-f16-tape && step ours-f16-tape 90 "$BIN" bench $PASS_ARGS --f16 --skip-edits --only "autodiff tape"
   wanted ours-f32 && step ours-f32 100 "$BIN" bench $PASS_ARGS --skip-edits --only "op:,batch,VAE,lean,flash,inversion"
