@@ -3,16 +3,15 @@
 # ignored folders .bench/ and .gl/ that `run` carries: the stripped CLI in its two builds (xz),
 # the diffusers wheel for tests/reference/bench_torch.py, and the Vulkan loader packages
 # (../shared/docs/GPU.md).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dragonedit/target}"
+source "$(dirname "${BASH_SOURCE[0]}")/tools.sh"
+cd "$ROOT"
 
 mkdir -p .bench .gl
 # The release build the tests use, stripped here (a separate strip profile would rebuild burn),
 # and the same with `--features spirv` (kernels in SPIR-V, with the card's matrix cores where
-# its Vulkan driver offers cooperative matrices). The default build goes last, so that the
-# binary the tests and the README use is the WGSL one again.
-cargo build --release --features spirv --bin dragonedit
+# its Vulkan driver offers cooperative matrices; cubecl-spirv patched, see tools.sh). The
+# default build goes last, so that the binary the tests and the README use is the WGSL one again.
+cargo_spirv build --release --bin dragonedit
 strip -o .bench/dragonedit-spirv "$CARGO_TARGET_DIR/release/dragonedit"
 cargo build --release --bin dragonedit
 strip -o .bench/dragonedit "$CARGO_TARGET_DIR/release/dragonedit"

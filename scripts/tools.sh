@@ -66,3 +66,39 @@ build_site() {
   log "trunk build --release"
   (cd "$ROOT" && CARGO_TARGET_DIR="$WASM_TARGET_DIR" TRUNK_SKIP_VERSION_CHECK=true trunk build --release)
 }
+
+# Runs `cargo SUBCOMMAND --features spirv ARGS...` (kernels compiled to SPIR-V) with cubecl-spirv
+# mended by scripts/cubecl-spirv.patch. Without it a device that lacks
+# VK_KHR_workgroup_memory_explicit_layout (lavapipe among them) crashes in the driver on the
+# first kernel with workgroup memory: cubecl-spirv 0.11.3's other lowering of it declares the
+# variable with its pointer type and takes its address as the value type. The patched copy is
+# made once per patch, in the target directory; Cargo.lock, which the patch rewrites, is put
+# back afterwards. Not for use beside another cargo build in this clone.
+cargo_spirv() {
+  local subcommand="$1"
+  shift
+  need_apt patch
+  local version patched stamp crate lock_copy status=0
+  version="$(grep -A1 '^name = "cubecl-spirv"$' "$ROOT/Cargo.lock" | sed -n 's/version = "\(.*\)"/\1/p')"
+  patched="$CARGO_TARGET_DIR/patched/cubecl-spirv-$version"
+  stamp="$(sha256sum "$ROOT/scripts/cubecl-spirv.patch" | cut -c1-16)"
+  if [ "$(cat "$patched/.dragonedit-patch" 2>/dev/null)" != "$stamp" ]; then
+    (cd "$ROOT" && cargo fetch --locked --quiet)
+    crate="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"cubecl-spirv-$version.crate" | head -n 1)"
+    rm -rf "$patched"
+    mkdir -p "$patched"
+    tar -xzf "$crate" -C "$patched" --strip-components=1
+    if ! patch -s -p1 -d "$patched" < "$ROOT/scripts/cubecl-spirv.patch"; then
+      echo "scripts/cubecl-spirv.patch does not apply to cubecl-spirv $version: see whether that version still needs it" >&2
+      return 1
+    fi
+    echo "$stamp" > "$patched/.dragonedit-patch"
+  fi
+  lock_copy="$(mktemp)"
+  cp "$ROOT/Cargo.lock" "$lock_copy"
+  (cd "$ROOT" && cargo --config "patch.crates-io.cubecl-spirv.path=\"$patched\"" \
+    "$subcommand" --features spirv "$@") || status=$?
+  cp "$lock_copy" "$ROOT/Cargo.lock"
+  rm -f "$lock_copy"
+  return "$status"
+}
