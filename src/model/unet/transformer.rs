@@ -117,16 +117,12 @@ impl Attention {
         }
     }
 
-    /// [`core`](Self::core) by burn's fused op, the heads laid out and back.
+    /// [`core`](Self::core) by burn's fused op.
     fn fused(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
-        Self::merge_heads(attend_fused(
-            self.split_heads(q),
-            self.split_heads(k),
-            self.split_heads(v),
-        ))
+        self.by_heads(q, k, v, attend_fused)
     }
 
-    /// [`core`](Self::core) through [`AttentionPlan::attend`], the heads laid out and back.
+    /// [`core`](Self::core) through [`AttentionPlan::attend`].
     fn composed(
         &self,
         q: Tensor<3>,
@@ -134,11 +130,22 @@ impl Attention {
         v: Tensor<3>,
         plan: &AttentionPlan,
     ) -> Tensor<3> {
-        Self::merge_heads(plan.attend(
+        self.by_heads(q, k, v, |q, k, v| plan.attend(q, k, v, false))
+    }
+
+    /// `attend` of `[B, heads, N, d]` inputs applied to `[B, N, C]` tokens, the heads laid out
+    /// and back.
+    fn by_heads(
+        &self,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        attend: impl FnOnce(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<3> {
+        Self::merge_heads(attend(
             self.split_heads(q),
             self.split_heads(k),
             self.split_heads(v),
-            false,
         ))
     }
 
