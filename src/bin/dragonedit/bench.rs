@@ -175,6 +175,11 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
+/// Whole MiB, or "n/a" where the pool does not say.
+fn whole_mib(v: Option<f64>) -> String {
+    v.map_or("n/a".to_string(), |v| format!("{v:.0}"))
+}
+
 /// The pool as a line for stderr: what live tensors use and what is reserved now, and each
 /// pool's page size with its pages held now and at most. Printed before and after each row,
 /// it tells a row's own reservation from what earlier rows and the weights left.
@@ -287,15 +292,14 @@ fn measure(
 
 fn print_row(r: &Row) {
     use std::io::Write;
-    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
     let fastest = r.times_ms.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "| {} | {:.1} | {:.1} | {} | {} | {:.0} |",
         r.name,
         median(&r.times_ms),
         fastest,
-        fmt(r.peak_mib),
-        fmt(r.largest_mib),
+        whole_mib(r.peak_mib),
+        whole_mib(r.largest_mib),
         r.heap_mib
     );
     // stdout is a pipe under the GPU script's `timeout`: flush each row as it lands.
@@ -601,7 +605,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 }
             };
             rows.extend(measure(&name, edit_plan, &device, || {
-                let mut phases = PhaseClock::new(&device);
+                let mut phases = PhaseClock::new(&device, &name);
                 block_on(editor.run(&edit, None, &mut |p| {
                     sample();
                     phases.reached(p.phase);
@@ -649,8 +653,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 /// Wall time per phase of one whole edit. Natively the engine lets the device's queue run
 /// ahead of its progress reports, so the clock waits for the device at each change of phase:
 /// a phase's time is then its own work, not the queue it inherited.
+///
+/// Each phase's end is also a line on stderr with the pool as it stands: on lavapipe a whole
+/// SD-sized edit can outlast a session, and the row's own line comes only at its end.
 struct PhaseClock<'a> {
     device: &'a Device,
+    /// The row's name, for the stderr lines.
+    row: &'a str,
     current: Option<Phase>,
     /// When the current phase began (the clock's creation for the first).
     since: Instant,
@@ -658,9 +667,10 @@ struct PhaseClock<'a> {
 }
 
 impl<'a> PhaseClock<'a> {
-    fn new(device: &'a Device) -> Self {
+    fn new(device: &'a Device, row: &'a str) -> Self {
         Self {
             device,
+            row,
             current: None,
             since: Instant::now(),
             spent: Vec::new(),
@@ -678,7 +688,16 @@ impl<'a> PhaseClock<'a> {
         if let Some(phase) = self.current.take() {
             // A lost device shows in the edit's own next read; the clock only stops here.
             let _ = self.device.sync();
-            self.spent.push((phase, self.since.elapsed().as_secs_f64()));
+            let s = self.since.elapsed().as_secs_f64();
+            self.spent.push((phase, s));
+            let (peak, largest) = pool(self.device);
+            eprintln!(
+                "bench: {}: {phase} took {s:.2} s; pool {}; pages' peaks {} MiB, largest buffer {} MiB",
+                self.row,
+                pool_line(self.device).unwrap_or_else(|| "n/a".to_string()),
+                whole_mib(peak),
+                whole_mib(largest),
+            );
             self.since = Instant::now();
         }
     }
