@@ -300,6 +300,39 @@ fn bench_prints_a_table_row_per_workload() {
 }
 
 #[test]
+fn bench_times_products_whole_and_split() {
+    let (stdout, rows) = bench_rows(&[
+        "--only",
+        "op: product,batch 1",
+        "--split-outputs",
+        "1000000",
+        "--skip-edits",
+    ]);
+    assert!(
+        stdout.contains("products: split below 1000000 outputs"),
+        "{stdout}"
+    );
+    // 4 resolutions (8x8 to 1x1 at 64 px) x 2 products x whole and 2, 4, 8 parts, then the
+    // batch-1 pass with the threshold and with every product whole.
+    assert_eq!(rows.len(), 34, "{stdout}");
+    assert!(
+        rows[0]
+            .contains("op: product 320x2880 by 2880x64, batch 2 (conv3x3 320->320 at 8x8), whole"),
+        "{stdout}"
+    );
+    assert!(
+        rows[7].contains("(feed-forward out 1280->320 at 8x8), 8 parts"),
+        "{stdout}"
+    );
+    assert!(rows[31].contains("at 1x1), 8 parts"), "{stdout}");
+    assert!(rows[32].contains("UNet forward, batch 1") && !rows[32].contains("whole"));
+    assert!(
+        rows[33].contains("batch 1, 8x8 latent, products whole"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn bench_only_runs_the_rows_it_names() {
     let (stdout, rows) = bench_rows(&["--steps", "2", "--only", "recompute"]);
     // "step recompute" and "flash (scores recomputed)"; not the tape, UNet or edit rows.

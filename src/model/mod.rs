@@ -10,6 +10,7 @@ pub mod flash_attention;
 pub mod folder;
 pub mod nn;
 pub mod normalize;
+pub mod products;
 pub mod pullback;
 pub mod random;
 pub mod resnet;

@@ -9,6 +9,7 @@ use burn::tensor::{DType, Device, Tensor, activation};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::normalize::{Rows, normalize, normalize_pull_back};
+use super::products::ProductSplit;
 use super::windows::conv_windows;
 use crate::error::Result;
 use crate::weights::Loader;
@@ -100,6 +101,7 @@ fn gemm_in_bands(
     [kernel, padding, stride]: [usize; 3],
     windows: Windows,
     band_bytes: usize,
+    split: ProductSplit,
 ) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     let out = weight.dims()[1];
@@ -113,7 +115,7 @@ fn gemm_in_bands(
                 p.clone().narrow(2, r0 * ow, rows * ow)
             }
         });
-        product_plus(weight, bias, cols, plus)
+        product_plus(weight, bias, cols, plus, split)
     };
     if kernel == 1 && padding == 0 && stride == 1 {
         product(x.reshape([b, c, h * w]), 0, oh).reshape([b, out, oh, ow])
@@ -150,8 +152,9 @@ fn product_plus(
     bias: Option<&Tensor<3>>,
     cols: Tensor<3>,
     plus: Option<Tensor<3>>,
+    split: ProductSplit,
 ) -> Tensor<3> {
-    let y = weight.clone().matmul(cols);
+    let y = split.matmul(weight.clone(), cols);
     let y = match bias {
         Some(bias) => y + bias.clone(),
         None => y,
@@ -265,6 +268,11 @@ impl Conv2d {
     /// the forward is. It needs nothing of `x`, so the guidance keeps no input for it. `None`
     /// for any other convolution.
     pub fn pull_back(&self, g: Tensor<4>) -> Option<Tensor<4>> {
+        self.pull_back_split(g, ProductSplit::current())
+    }
+
+    /// [`pull_back`](Self::pull_back) with its product split as `split` says.
+    fn pull_back_split(&self, g: Tensor<4>, split: ProductSplit) -> Option<Tensor<4>> {
         if !self.has_pull_back() {
             return None;
         }
@@ -307,6 +315,7 @@ impl Conv2d {
                     [k, k - 1 - p, 1],
                     Windows::Adjoint,
                     GEMM_BAND_BYTES,
+                    split,
                 ))
             }
         }
@@ -315,14 +324,14 @@ impl Conv2d {
     /// Computes in `x`'s dtype; weights of another dtype are cast for the call (the VAE's f32
     /// retry runs on its f16 weights).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.forward_inner(x, None)
+        self.forward_inner(x, None, ProductSplit::current())
     }
 
     /// `forward(x) + plus`, with `plus` `[B or 1, out, 1]` (one value per channel) or
     /// `[B, out, h*w]` (an output-sized image, flattened): computed as im2col + matmul, the sum
     /// runs in the product's kernel instead of one of its own.
     pub fn forward_plus(&self, x: Tensor<4>, plus: Tensor<3>) -> Tensor<4> {
-        self.forward_inner(x, Some(plus))
+        self.forward_inner(x, Some(plus), ProductSplit::current())
     }
 
     /// [`forward_plus`](Self::forward_plus) of an image given flat, `[B, C, H·W]`, which may
@@ -350,6 +359,7 @@ impl Conv2d {
                     bias.as_ref(),
                     x,
                     Some(plus),
+                    ProductSplit::current(),
                 );
                 let out = y.dims()[1];
                 y.reshape([b, out, h, w])
@@ -361,7 +371,12 @@ impl Conv2d {
         }
     }
 
-    fn forward_inner(&self, x: Tensor<4>, plus: Option<Tensor<3>>) -> Tensor<4> {
+    fn forward_inner(
+        &self,
+        x: Tensor<4>,
+        plus: Option<Tensor<3>>,
+        split: ProductSplit,
+    ) -> Tensor<4> {
         let dtype = x.dtype();
         match &self.kernel {
             Kernel::Direct {
@@ -412,6 +427,7 @@ impl Conv2d {
                     [*kernel, *padding, *stride],
                     Windows::Forward,
                     GEMM_BAND_BYTES,
+                    split,
                 )
             }
         }
@@ -481,7 +497,7 @@ impl Linear {
     /// `x` may be of any batch that broadcasts against the weight's ([`StackedLinear`]).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
-        let y = x.matmul(to_dtype(self.weight.clone(), dtype));
+        let y = ProductSplit::current().matmul(x, to_dtype(self.weight.clone(), dtype));
         match &self.bias {
             Some(bias) => y + to_dtype(bias.clone(), dtype),
             None => y,
@@ -497,7 +513,7 @@ impl Linear {
 
     /// `gᵀ ∂linear/∂x`: `g Wᵀ`, needing nothing of `x`.
     pub fn pull_back(&self, g: Tensor<3>) -> Tensor<3> {
-        g.matmul(self.weight.clone().swap_dims(1, 2))
+        ProductSplit::current().matmul(g, self.weight.clone().swap_dims(1, 2))
     }
 }
 
@@ -774,6 +790,7 @@ mod tests {
                     [k, p, s],
                     Windows::Forward,
                     band_bytes,
+                    ProductSplit::default(),
                 );
                 assert_eq!(gemm.dims(), direct.dims());
                 let diff = max_abs(gemm - direct.clone());
@@ -783,6 +800,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn split_products_leave_a_convolution_and_its_pull_back_unchanged() {
+        split_convolution_on(Device::flex());
+    }
+
+    #[test]
+    fn split_products_leave_a_convolution_and_its_pull_back_unchanged_on_the_gpu() {
+        let Some(device) = crate::device::test_gpu() else {
+            return;
+        };
+        split_convolution_on(device);
+    }
+
+    fn split_convolution_on(device: Device) {
+        // 64 channels in and out: both products' shared axes are 576 long, cut in 2 parts.
+        let x = wave([2, 64, 5, 4], 0.3, &device);
+        let g = wave([2, 64, 5, 4], 2.0, &device);
+        let weight = wave([64, 64, 3, 3], 1.1, &device).mul_scalar(0.1);
+        let plain = Conv2d::new(
+            weight,
+            Some(wave([64], 0.7, &device)),
+            ConvSpec::k3(64, 64),
+            true,
+        );
+        assert!(matches!(plain.kernel, Kernel::Gemm { .. }));
+        let (whole, split) = (ProductSplit::default(), ProductSplit::below(usize::MAX));
+        assert_eq!(split.parts(2 * 64 * 20, 576), 2);
+        // f32 sums of 576 products under 0.1 in two orders.
+        let forward = |s| plain.forward_inner(x.clone(), None, s);
+        let diff = max_abs(forward(split) - forward(whole));
+        assert!(diff < 1e-4, "forward: {diff}");
+        let pull = |s| {
+            plain
+                .pull_back_split(g.clone(), s)
+                .expect("a stride-1 pull-back")
+        };
+        let diff = max_abs(pull(split) - pull(whole));
+        assert!(diff < 1e-4, "pull-back: {diff}");
     }
 
     #[test]
@@ -911,7 +968,16 @@ mod tests {
                 let leaf = x.clone().autodiff().require_grad();
                 let y = if gemm {
                     let w = weight.clone().permute([0, 2, 3, 1]).reshape([1, 4, 45]);
-                    gemm_in_bands(leaf.clone(), &w, None, None, [3, 1, s], Windows::Forward, 1)
+                    gemm_in_bands(
+                        leaf.clone(),
+                        &w,
+                        None,
+                        None,
+                        [3, 1, s],
+                        Windows::Forward,
+                        1,
+                        ProductSplit::default(),
+                    )
                 } else {
                     conv2d(
                         leaf.clone(),

@@ -16,6 +16,7 @@ use dragonedit::model::attention::{
 };
 use dragonedit::model::flash_attention::runs_as_kernels;
 use dragonedit::model::nn::ConvStrategy;
+use dragonedit::model::products::set_split_outputs;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::progress::Phase;
@@ -61,6 +62,12 @@ pub struct BenchArgs {
     /// convolution on the CPU), direct (burn's convolution) or gemm (im2col + matmul).
     #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
     pub conv: ConvArg,
+    /// Matrix products with fewer output elements than this (over the batch) are cut into up
+    /// to 8 parts along their shared axis and the parts' outputs summed (split-K); 0 cuts none.
+    /// The "op: product" rows (run when --only names them) time the UNet's products in each
+    /// number of parts regardless, and with a threshold the UNet passes run once more whole.
+    #[arg(long, default_value_t = 0)]
+    pub split_outputs: usize,
     /// Square image size in pixels (a multiple of 64).
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
@@ -426,6 +433,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     dragonedit::model::nn::set_conv_strategy(args.conv.into());
     set_attention_strategy(args.attention.into());
+    set_split_outputs(args.split_outputs);
     let device = open_device_with_pools(args.cpu, args.pools.into())?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
@@ -450,7 +458,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let z = sd.noise(1, (lh, lw));
     println!(
         "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, attention: {}, \
-         {} warm-ups + {} runs ({} + {} per whole edit, guidance gradient: {:?})",
+         products: {}, {} warm-ups + {} runs ({} + {} per whole edit, guidance gradient: {:?})",
         match (args.cpu, args.pools) {
             (true, _) => "CPU (flex)",
             (false, PoolsArg::Shared) => "GPU (wgpu)",
@@ -471,6 +479,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             (UnetAttention::Composed, true) => "burn's fused op",
             (UnetAttention::Composed, false) => "score chunks",
         },
+        match args.split_outputs {
+            0 => "whole".to_string(),
+            n => format!("split below {n} outputs"),
+        },
         plan.warmups,
         plan.runs,
         edit_plan.warmups,
@@ -488,6 +500,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Reading one value back makes the device finish the work behind it.
     let read = |t: Tensor<4>| -> Result<()> { read_values(t.sum()).map(|_| ()) };
     rows.extend(op_rows(plan, &device, dtype, (lh, lw), read)?);
+    rows.extend(product_rows(plan, &device, dtype, (lh, lw), read)?);
     rows.extend(measure(
         &format!("UNet forward, batch 1, {lh}x{lw} latent"),
         plan,
@@ -522,6 +535,21 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             read(sd.unet.forward(pair, 981.0, &context, &mut NoHook))
         },
     )?);
+    if args.split_outputs > 0 {
+        // The same passes with every product whole, for what the split gains in a pass.
+        set_split_outputs(0);
+        let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
+        for (batch, x, context) in [(1, &z, &cond), (2, &pair, &context)] {
+            let row = measure(
+                &format!("UNet forward, batch {batch}, {lh}x{lw} latent, products whole"),
+                plan,
+                &device,
+                || read(sd.unet.forward(x.clone(), 981.0, context, &mut NoHook)),
+            );
+            rows.extend(row?);
+        }
+        set_split_outputs(args.split_outputs);
+    }
     // Every UNet shape has been timed by now; stdout repeats the table after the last row,
     // which a time limit may never let come.
     eprint!("{}", attention_choices());
@@ -824,6 +852,79 @@ fn op_rows(
     );
     if runs_as_kernels(device, 40) {
         rows.extend(kernel_rows(&names[4..], plan, device, [q, k, v], &read)?);
+    }
+    Ok(rows)
+}
+
+/// The UNet's matrix products at each of its four resolutions, whole and cut into 2, 4 and 8
+/// parts along their shared axis (split-K): a 3x3 convolution's im2col product (`[1, out, 9 ·
+/// in] x [2, 9 · in, h · w]`) and the feed-forward's second linear layer (`[2, h · w, 4 · c] x
+/// [1, 4 · c, c]`), batch 2: what `--split-outputs` should be on this device. 32 rows, so they
+/// run only when `--only` names them.
+fn product_rows(
+    plan: Plan,
+    device: &Device,
+    dtype: burn::tensor::DType,
+    (lh, lw): (usize, usize),
+    read: impl Fn(Tensor<4>) -> Result<()>,
+) -> Result<Vec<Row>> {
+    use burn::tensor::Distribution;
+    use dragonedit::model::products::matmul_in_parts;
+
+    if plan.only.is_none() {
+        return Ok(Vec::new());
+    }
+    let random = |shape: [usize; 3]| {
+        Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let mut rows = Vec::new();
+    for (level, c) in [320, 640, 1280, 1280].into_iter().enumerate() {
+        let (h, w) = (lh >> level, lw >> level);
+        let n = h * w;
+        if n == 0 {
+            break;
+        }
+        let products = [
+            (
+                format!("conv3x3 {c}->{c} at {h}x{w}"),
+                [1, c, 9 * c],
+                [2, 9 * c, n],
+            ),
+            (
+                format!("feed-forward out {}->{c} at {h}x{w}", 4 * c),
+                [2, n, 4 * c],
+                [1, 4 * c, c],
+            ),
+        ];
+        for (what, a_shape, b_shape) in products {
+            for parts in [1, 2, 4, 8] {
+                // No commas: `--only` splits on them.
+                let [_, rows_a, inner] = a_shape;
+                let cols_b = b_shape[2];
+                let name = format!(
+                    "op: product {rows_a}x{inner} by {inner}x{cols_b}, batch 2 ({what}), {}",
+                    match parts {
+                        1 => "whole".to_string(),
+                        p => format!("{p} parts"),
+                    }
+                );
+                if !plan.selects(&name) {
+                    continue;
+                }
+                let (a, b) = (random(a_shape), random(b_shape));
+                let flops = 2.0 * 2.0 * (a_shape[1] * a_shape[2] * b_shape[2]) as f64;
+                let row = measure(&name, plan, device, || {
+                    read(matmul_in_parts(a.clone(), b.clone(), parts).unsqueeze())
+                })?;
+                if let Some(r) = &row {
+                    eprintln!(
+                        "bench: {name}: {:.2} TFLOP/s",
+                        flops / (median(&r.times_ms) * 1e-3) / 1e12
+                    );
+                }
+                rows.extend(row);
+            }
+        }
     }
     Ok(rows)
 }
