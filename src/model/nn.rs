@@ -205,7 +205,13 @@ impl Conv2d {
         let k = spec.kernel;
         let weight = w.tensor(&format!("{prefix}.weight"), [spec.c_out, spec.c_in, k, k])?;
         let bias = w.tensor(&format!("{prefix}.bias"), [spec.c_out])?;
-        Ok(Self::new(weight, Some(bias), spec, uses_gemm(w.device())))
+        let gemm = uses_gemm(w.device());
+        // The product's weight layout is a copy of the loaded one: made as weights are.
+        Ok(crate::device::persistent(
+            w.device(),
+            (weight, bias),
+            |(weight, bias)| Self::new(weight, Some(bias), spec, gemm),
+        ))
     }
 
     /// A convolution of `weight` `[out, in, k, k]`, as im2col + matmul where `gemm` is asked
@@ -549,15 +555,20 @@ impl StackedLinear {
 /// The layers' weights and biases concatenated along `dim` (2: outputs side by side; 0:
 /// stacked); a bias only where every layer has one.
 fn cat_layers(layers: Vec<Linear>, dim: usize) -> Linear {
-    let (weights, biases): (Vec<_>, Vec<_>) =
-        layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
-    Linear {
-        weight: Tensor::cat(weights, dim),
-        bias: biases
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .map(|b| Tensor::cat(b, dim)),
-    }
+    // The model's code passes fixed lists of two or three layers.
+    let device = layers.first().expect("layers to join").weight.device();
+    // Made once with the model and kept as long: as weights are (`device::persistent`).
+    crate::device::persistent(&device, layers, |layers| {
+        let (weights, biases): (Vec<_>, Vec<_>) =
+            layers.into_iter().map(|l| (l.weight, l.bias)).unzip();
+        Linear {
+            weight: Tensor::cat(weights, dim),
+            bias: biases
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(|b| Tensor::cat(b, dim)),
+        }
+    })
 }
 
 /// GroupNorm over `[B, C, H, W]`, with PyTorch's biased variance (see [`normalize`]).

@@ -116,7 +116,10 @@ impl<'a> Loader<'a> {
     fn upload<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
         // The dtype must be named here: `from_data` alone converts to the device's default
         // (f32), which would silently undo `--f16`.
-        Tensor::from_data(TensorData::new(values, shape), (&self.device, self.dtype))
+        let (device, dtype) = (&self.device, self.dtype);
+        crate::device::persistent(device, TensorData::new(values, shape), |data| {
+            Tensor::from_data(data, (device, dtype))
+        })
     }
 
     /// Loads `key`, which must have exactly `shape`.

@@ -1,7 +1,8 @@
 //! `dragonedit bench`: times the engine's workloads on this machine's GPU (or the CPU) and
 //! prints a table: median and fastest wall time over several runs after a warm-up, the
 //! device pool's peak and largest single buffer (burn's pool report; both are peaks since
-//! the program started, so each row includes the rows above it), and the row's own peak heap
+//! the program started, so each row includes the rows above it; the peak counts the weights'
+//! own buffers, the largest buffer only the pages the activations share), and the row's own peak heap
 //! above what was held before it (on `--cpu` that is the tensors' memory).
 
 use pollster::block_on;
@@ -223,8 +224,15 @@ fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
         return (None, None);
     };
     let peak: u64 = report.iter().map(|p| p.pages_peak * p.page_size).sum();
+    // The report covers the pages the activations share; the weights have buffers of their
+    // own outside them (`device::persistent`), reserved since the model loaded: what is
+    // reserved now beyond the pages.
+    let pages_now: u64 = report.iter().map(|p| p.pages * p.page_size).sum();
+    let outside = device
+        .memory_pool_usage()
+        .map_or(0, |u| u.bytes_reserved.saturating_sub(pages_now));
     let largest = report.iter().map(|p| p.largest_alloc).max().unwrap_or(0);
-    (Some(mib(peak)), Some(mib(largest)))
+    (Some(mib(peak + outside)), Some(mib(largest)))
 }
 
 /// Runs `f` to warm up (kernel compilation, autotune), then `runs` times, syncing the device
@@ -720,7 +728,7 @@ impl<'a> PhaseClock<'a> {
             self.spent.push((phase, s));
             let (peak, largest) = pool(self.device);
             eprintln!(
-                "bench: {}: {phase} took {s:.2} s; pool {}; pages' peaks {} MiB, largest buffer {} MiB",
+                "bench: {}: {phase} took {s:.2} s; pool {}; peak {} MiB, largest buffer {} MiB",
                 self.row,
                 pool_line(self.device).unwrap_or_else(|| "n/a".to_string()),
                 whole_mib(peak),
