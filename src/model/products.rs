@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The most parts a product is cut into.
 pub const MAX_PARTS: usize = 8;
 
-/// The shortest stretch of the shared axis one part walks: below it the sum of the partial
-/// outputs costs more than the walk it shortens.
+/// The shortest stretch of the shared axis one part walks, so that a part's walk stays long next
+/// to the sum of the partial outputs (a guess until the bench's product rows run on a GPU).
 const MIN_PART_LEN: usize = 256;
 
 static SPLIT_OUTPUTS: AtomicUsize = AtomicUsize::new(0);
@@ -86,8 +86,8 @@ pub fn matmul_in_parts(a: Tensor<3>, b: Tensor<3>, parts: usize) -> Tensor<3> {
     let [bb, _, n] = b.dims();
     debug_assert!(k.is_multiple_of(parts), "{parts} parts of {k}");
     let part = k / parts;
-    // [B1, m, k] -> [B1, parts, m, part] is a view with the parts' stride; b's parts are
-    // consecutive rows, so its reshape is free.
+    // [B1, m, k] -> [B1, parts, m, part] is a view with the parts' stride where `a` is
+    // contiguous; b's parts are consecutive rows, so its reshape is free.
     let a = a.reshape([ba, m, parts, part]).swap_dims(1, 2);
     let b = b.reshape([bb, parts, part, n]);
     let partial = a.matmul(b);
