@@ -548,13 +548,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         set_split_outputs(0);
         let pair = Tensor::cat(vec![z.clone(), z.clone()], 0);
         for (batch, x, context) in [(1, &z, &cond), (2, &pair, &context)] {
-            let row = measure(
+            rows.extend(measure(
                 &format!("UNet forward, batch {batch}, {lh}x{lw} latent, products whole"),
                 plan,
                 &device,
                 || read(sd.unet.forward(x.clone(), 981.0, context, &mut NoHook)),
-            );
-            rows.extend(row?);
+            )?);
         }
         set_split_outputs(args.split_outputs);
     }
@@ -905,10 +904,12 @@ fn product_rows(
             ),
         ];
         for (what, a_shape, b_shape) in products {
+            let [_, rows_a, inner] = a_shape;
+            let cols_b = b_shape[2];
+            // Batch 2, a multiply-add two operations.
+            let flops = 4.0 * (rows_a * inner * cols_b) as f64;
             for parts in [1, 2, 4, 8] {
                 // No commas: `--only` splits on them.
-                let [_, rows_a, inner] = a_shape;
-                let cols_b = b_shape[2];
                 let name = format!(
                     "op: product {rows_a}x{inner} by {inner}x{cols_b}, batch 2 ({what}), {}",
                     match parts {
@@ -920,7 +921,6 @@ fn product_rows(
                     continue;
                 }
                 let (a, b) = (random(a_shape), random(b_shape));
-                let flops = 2.0 * 2.0 * (a_shape[1] * a_shape[2] * b_shape[2]) as f64;
                 let row = measure(&name, plan, device, || {
                     read(matmul_in_parts(a.clone(), b.clone(), parts).unsqueeze())
                 })?;
