@@ -353,3 +353,53 @@ fn bench_only_runs_the_rows_it_names() {
     assert!(rows[1].contains("whole edit: drag"), "{stdout}");
     assert!(stdout.contains("0 + 1 per whole edit"), "{stdout}");
 }
+
+/// Each whole edit's phase says the most the GPU pool reserved while it ran, read by a thread
+/// of the bench's own. The engine hands the VAE's pages back before it reports the next
+/// phase, so a phase's peak can only be seen while it runs: the decoder's is above what stays
+/// reserved once the image is out.
+#[test]
+fn bench_reads_the_pools_peak_while_each_phase_runs() {
+    if dragonedit::device::test_gpu().is_none() {
+        return;
+    }
+    let out = dragonedit()
+        .args(["bench", "--tiny", "--resolution", "64", "--steps", "2"])
+        .args([
+            "--runs",
+            "1",
+            "--warmups",
+            "0",
+            "--only",
+            "whole edit: move",
+        ])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    // "...: decoding took 1.20 s; reserved at most 95 MiB during it; pool now in use 20 MiB,
+    // reserved 47 MiB; ..."
+    let mib_after = |line: &str, label: &str| -> f64 {
+        let rest = &line[line.find(label).expect(label) + label.len()..];
+        rest.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a number")
+    };
+    let mut phases = 0;
+    for line in stderr.lines().filter(|l| l.contains(" during it;")) {
+        let most = mib_after(line, "reserved at most ");
+        let now = mib_after(line, ", reserved ");
+        assert!(most >= now, "{line}");
+        if line.contains("decoding took") {
+            assert!(most > now, "the decoder's pages went unseen: {line}");
+        }
+        phases += 1;
+    }
+    assert_eq!(phases, 5, "{stderr}");
+    let whole = stderr
+        .lines()
+        .find(|l| l.contains("the pool reserved at most"))
+        .expect("the edit's peak");
+    assert!(mib_after(whole, "reserved at most ") > 0.0, "{whole}");
+}

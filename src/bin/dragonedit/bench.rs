@@ -24,6 +24,7 @@ use dragonedit::progress::Phase;
 use dragonedit::{StableDiffusion, device, heap, launches};
 
 use crate::app::Gradients;
+use crate::pool_sampler::{self, PoolSampler};
 use crate::run::{Bar, load_dir, load_source, open_device_with_pools, read_values};
 
 /// What `bench` measures and how.
@@ -630,30 +631,32 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         for (mode, json) in &all {
             let edit = resolve(json)?;
             let name = format!("whole edit: {mode} ({steps} steps, {size} px)");
-            // What the pool reserves between steps, where every step's work has been read
-            // back: the footprint the driver sees, which `pool` (each pool's own peak, summed)
-            // does not tell when pages are handed back between phases.
-            let reserved = std::cell::Cell::new(0u64);
-            let sample = || {
-                if let Some(u) = device.memory_pool_usage() {
-                    reserved.set(reserved.get().max(u.bytes_reserved));
-                }
-            };
+            if !edit_plan.selects(&name) {
+                continue;
+            }
+            // What the pool reserves at most, phase by phase: the footprint the driver sees.
+            // `pool` sums each pool's own peak, which can overstate it (peaks at different
+            // times) or understate it (a pool that a growth left behind leaves the report
+            // once empty: tiny model, 128 px, decode 85 MiB summed, 95 read), and the
+            // browser's layout reports no peak at all.
+            let sampler = PoolSampler::start(&device);
+            let mut most = 0u64;
             rows.extend(measure(&name, edit_plan, &device, || {
-                let mut phases = PhaseClock::new(&device, &name);
+                let mut phases = PhaseClock::new(&device, &name, sampler.as_ref());
                 block_on(editor.run(&edit, None, &mut |p| {
-                    sample();
                     phases.reached(p.phase);
                     true
                 }))?;
-                sample();
-                eprintln!("bench: {name}: {}", phases.finish());
+                let (spent, reserved) = phases.finish();
+                most = most.max(reserved);
+                eprintln!("bench: {name}: {spent}");
                 Ok(())
             })?);
-            if reserved.get() > 0 {
+            if sampler.is_some() {
                 eprintln!(
-                    "bench: {name}: the pool reserved at most {:.0} MiB at the edit's progress reports",
-                    mib(reserved.get())
+                    "bench: {name}: the pool reserved at most {:.0} MiB (read every {} ms)",
+                    mib(most),
+                    pool_sampler::EVERY.as_millis()
                 );
             }
         }
@@ -693,6 +696,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 /// SD-sized edit can outlast a session, and the row's own line comes only at its end.
 struct PhaseClock<'a> {
     device: &'a Device,
+    /// Reads the pool's reservation through each phase, where the device has a pool.
+    sampler: Option<&'a PoolSampler>,
+    /// The most reserved in any phase so far.
+    most_reserved: u64,
     /// The row's name, for the stderr lines.
     row: &'a str,
     current: Option<Phase>,
@@ -702,9 +709,15 @@ struct PhaseClock<'a> {
 }
 
 impl<'a> PhaseClock<'a> {
-    fn new(device: &'a Device, row: &'a str) -> Self {
+    fn new(device: &'a Device, row: &'a str, sampler: Option<&'a PoolSampler>) -> Self {
+        if let Some(sampler) = sampler {
+            // The phases' readings start here, not where the last edit ended.
+            sampler.take_peak();
+        }
         Self {
             device,
+            sampler,
+            most_reserved: 0,
             row,
             current: None,
             since: Instant::now(),
@@ -726,9 +739,12 @@ impl<'a> PhaseClock<'a> {
             let s = self.since.elapsed().as_secs_f64();
             self.spent.push((phase, s));
             let (peak, largest) = pool(self.device);
+            let reserved = self.sampler.map(PoolSampler::take_peak);
+            self.most_reserved = self.most_reserved.max(reserved.unwrap_or(0));
             eprintln!(
-                "bench: {}: {phase} took {s:.2} s; pool {}; peak {} MiB, largest buffer {} MiB",
+                "bench: {}: {phase} took {s:.2} s; reserved at most {} MiB during it; pool now {}; pages' peaks {} MiB, largest buffer {} MiB",
                 self.row,
+                whole_mib(reserved.map(mib)),
                 pool_line(self.device).unwrap_or_else(|| "n/a".to_string()),
                 whole_mib(peak),
                 whole_mib(largest),
@@ -737,14 +753,17 @@ impl<'a> PhaseClock<'a> {
         }
     }
 
-    /// "phase 1.20 s, phase 3.40 s, ...", in the order the phases came.
-    fn finish(mut self) -> String {
+    /// "phase 1.20 s, phase 3.40 s, ...", in the order the phases came, and the most bytes
+    /// reserved in any phase (0 without a sampler).
+    fn finish(mut self) -> (String, u64) {
         self.close();
-        self.spent
+        let spent = self
+            .spent
             .iter()
             .map(|(phase, s)| format!("{phase} {s:.2} s"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        (spent, self.most_reserved)
     }
 }
 
