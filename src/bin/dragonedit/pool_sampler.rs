@@ -3,9 +3,9 @@
 //!
 //! burn's pool report gives each sliced pool's peak page count, so the bench's "peak pool" sums
 //! peaks that may have come at different times and forgets a pool of outgrown pages once it
-//! empties, and the browser's layout (one page per allocation) reports no peak at all. Reading what is reserved only at the edit's progress
-//! reports missed the VAE's phases: the engine hands their pages back before it reports the
-//! next phase. Reserved memory only falls when pages are handed back, so a reading every few
+//! empties, and the browser's layout (one page per allocation) reports no peak at all.
+//! Reading what is reserved only at the edit's progress reports missed the VAE's phases: the
+//! engine hands their pages back before it reports the next phase. Reserved memory only falls when pages are handed back, so a reading every few
 //! milliseconds catches a phase's peak unless pages come and go between two readings.
 
 use std::sync::Arc;
