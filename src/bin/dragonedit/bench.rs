@@ -1,9 +1,10 @@
 //! `dragonedit bench`: times the engine's workloads on this machine's GPU (or the CPU) and
-//! prints a table: median and fastest wall time over several runs after a warm-up, the
-//! device pool's peak and largest single buffer (burn's pool report; both are peaks since
-//! the program started, so each row includes the rows above it; the peak counts the weights'
-//! own buffers, the largest buffer only the pages the activations share), and the row's own peak heap
-//! above what was held before it (on `--cpu` that is the tensors' memory).
+//! prints a table: median and fastest wall time over several runs after a warm-up; the most
+//! the device pool reserved while the timed runs ran (read every few milliseconds, weights
+//! included; free pages go back to the driver before each row, so a row does not carry the
+//! ones above it); the largest single buffer (burn's pool report, since the program started,
+//! only the pages the activations share); and the row's own peak heap above what was held
+//! before it (on `--cpu` that is the tensors' memory).
 
 use pollster::block_on;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use dragonedit::progress::Phase;
 use dragonedit::{StableDiffusion, device, heap, launches};
 
 use crate::app::Gradients;
-use crate::pool_sampler::{self, PoolSampler};
+use crate::pool_sampler::{Peak, PoolSampler};
 use crate::run::{Bar, load_dir, load_source, open_device_with_pools, read_values};
 
 /// What `bench` measures and how.
@@ -152,6 +153,8 @@ impl From<AttentionArg> for AttentionStrategy {
 #[derive(Clone, Copy)]
 struct Plan<'a> {
     only: Option<&'a str>,
+    /// Reads the pool's reservation, where the device has a pool.
+    sampler: Option<&'a PoolSampler>,
     warmups: usize,
     runs: usize,
     profile: bool,
@@ -219,21 +222,11 @@ fn pool_line(device: &Device) -> Option<String> {
     ))
 }
 
-fn pool(device: &Device) -> (Option<f64>, Option<f64>) {
-    // The browser's layout (`--pools exclusive`) reports no sliced pools: n/a, not 0.
-    let Some(report) = device.memory_pool_report().filter(|r| !r.is_empty()) else {
-        return (None, None);
-    };
-    let peak: u64 = report.iter().map(|p| p.pages_peak * p.page_size).sum();
-    // The report covers the pages the activations share; the weights have buffers of their
-    // own outside them (`device::persistent`), reserved since the model loaded: what is
-    // reserved now beyond the pages.
-    let pages_now: u64 = report.iter().map(|p| p.pages * p.page_size).sum();
-    let outside = device
-        .memory_pool_usage()
-        .map_or(0, |u| u.bytes_reserved.saturating_sub(pages_now));
-    let largest = report.iter().map(|p| p.largest_alloc).max().unwrap_or(0);
-    (Some(mib(peak + outside)), Some(mib(largest)))
+/// The largest allocation the shared pages ever served; `None` where the device has none (the
+/// CPU) or its report lists no sliced pools (the browser's layout, `--pools exclusive`).
+fn largest_buffer(device: &Device) -> Option<f64> {
+    let report = device.memory_pool_report()?;
+    report.iter().map(|p| mib(p.largest_alloc)).reduce(f64::max)
 }
 
 /// Runs `f` to warm up (kernel compilation, autotune), then `runs` times, syncing the device
@@ -255,6 +248,10 @@ fn measure(
             .sync()
             .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
     };
+    // Free pages that earlier rows left go back, so that this row's peak is the weights and
+    // its own.
+    sync()?;
+    device::release_unused(device);
     if let Some(line) = pool_line(device) {
         eprintln!("bench: {name}: pool before: {line}");
     }
@@ -272,6 +269,9 @@ fn measure(
             warm.elapsed().as_secs_f64()
         );
     }
+    // The timed runs' peak: pages the warm-ups reserved and kept count, autotune's candidates
+    // that they freed do not.
+    let peak = plan.sampler.map(PoolSampler::watch);
     let mut times_ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t0 = Instant::now();
@@ -279,7 +279,8 @@ fn measure(
         sync()?;
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    let (peak_mib, largest_mib) = pool(device);
+    let peak_mib = peak.map(|p| mib(p.take()));
+    let largest_mib = largest_buffer(device);
     let heap_mib = mib(heap::peak_since(heap_base) as u64);
     if let Some(line) = pool_line(device) {
         eprintln!("bench: {name}: pool after: {line}");
@@ -450,8 +451,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let dtype = device::compute_dtype(&device, args.f16);
     let size = args.resolution;
     let (lh, lw) = (size as usize / 8, size as usize / 8);
+    // The reading thread runs until the bench ends.
+    let sampler = PoolSampler::start(&device);
     let plan = Plan {
         only: args.only.as_deref(),
+        sampler: sampler.as_ref(),
         warmups: args.warmups,
         runs: args.runs.max(1),
         profile: args.profile && !args.cpu,
@@ -500,7 +504,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     );
     println!();
     println!(
-        "| workload | median ms | fastest ms | peak pool MiB | largest buffer MiB | peak heap MiB |"
+        "| workload | median ms | fastest ms | peak reserved MiB | largest buffer MiB | peak heap MiB |"
     );
     println!("|---|---|---|---|---|---|");
 
@@ -598,7 +602,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let all = edits(size, args.steps);
     let move_edit = resolve(&all[0].1)?;
     let move_plan = editor.plan(&move_edit)?;
-    // From the least memory to the most: the pool columns are peaks since the start.
+    // From the least memory to the most: the largest-buffer column is a peak since the start.
     for (memory, how) in [
         (GradientMemory::Recompute, "step recompute"),
         (GradientMemory::Lean, "lean (hand-written pull-backs)"),
@@ -634,31 +638,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             if !edit_plan.selects(&name) {
                 continue;
             }
-            // What the pool reserves at most, phase by phase: the footprint the driver sees.
-            // `pool` sums each pool's own peak, which can overstate it (peaks at different
-            // times) or understate it (a pool that a growth left behind leaves the report
-            // once empty: tiny model, 128 px, decode 85 MiB summed, 95 read), and the
-            // browser's layout reports no peak at all.
-            let sampler = PoolSampler::start(&device);
-            let mut most = 0u64;
             rows.extend(measure(&name, edit_plan, &device, || {
-                let mut phases = PhaseClock::new(&device, &name, sampler.as_ref());
+                let mut phases = PhaseClock::new(&device, &name, edit_plan.sampler);
                 block_on(editor.run(&edit, None, &mut |p| {
                     phases.reached(p.phase);
                     true
                 }))?;
-                let (spent, reserved) = phases.finish();
-                most = most.max(reserved);
-                eprintln!("bench: {name}: {spent}");
+                eprintln!("bench: {name}: {}", phases.finish());
                 Ok(())
             })?);
-            if sampler.is_some() {
-                eprintln!(
-                    "bench: {name}: the pool reserved at most {:.0} MiB (read every {} ms)",
-                    mib(most),
-                    pool_sampler::EVERY.as_millis()
-                );
-            }
         }
         // The same move edit again on the same photo: the first edit fills the cache, and
         // every run after it reuses that inversion, so this row against the first whole-edit
@@ -692,14 +680,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 /// ahead of its progress reports, so the clock waits for the device at each change of phase:
 /// a phase's time is then its own work, not the queue it inherited.
 ///
-/// Each phase's end is also a line on stderr with the pool as it stands: on lavapipe a whole
-/// SD-sized edit can outlast a session, and the row's own line comes only at its end.
+/// Each phase's end is also a line on stderr with the most the pool reserved during it and
+/// the pool as it stands: on lavapipe a whole SD-sized edit can outlast a session, and the
+/// row's own line comes only at its end.
 struct PhaseClock<'a> {
     device: &'a Device,
-    /// Reads the pool's reservation through each phase, where the device has a pool.
-    sampler: Option<&'a PoolSampler>,
-    /// The most reserved in any phase so far.
-    most_reserved: u64,
+    /// The pool's peak through the current phase, where the device has a pool.
+    peak: Option<Peak>,
     /// The row's name, for the stderr lines.
     row: &'a str,
     current: Option<Phase>,
@@ -709,15 +696,10 @@ struct PhaseClock<'a> {
 }
 
 impl<'a> PhaseClock<'a> {
-    fn new(device: &'a Device, row: &'a str, sampler: Option<&'a PoolSampler>) -> Self {
-        if let Some(sampler) = sampler {
-            // The phases' readings start here, not where the last edit ended.
-            sampler.take_peak();
-        }
+    fn new(device: &'a Device, row: &'a str, sampler: Option<&PoolSampler>) -> Self {
         Self {
             device,
-            sampler,
-            most_reserved: 0,
+            peak: sampler.map(PoolSampler::watch),
             row,
             current: None,
             since: Instant::now(),
@@ -738,32 +720,26 @@ impl<'a> PhaseClock<'a> {
             let _ = self.device.sync();
             let s = self.since.elapsed().as_secs_f64();
             self.spent.push((phase, s));
-            let (peak, largest) = pool(self.device);
-            let reserved = self.sampler.map(PoolSampler::take_peak);
-            self.most_reserved = self.most_reserved.max(reserved.unwrap_or(0));
+            let reserved = self.peak.as_ref().map(Peak::take);
             eprintln!(
-                "bench: {}: {phase} took {s:.2} s; reserved at most {} MiB during it; pool now {}; pages' peaks {} MiB, largest buffer {} MiB",
+                "bench: {}: {phase} took {s:.2} s; reserved at most {} MiB during it; pool now {}; largest buffer {} MiB",
                 self.row,
                 whole_mib(reserved.map(mib)),
                 pool_line(self.device).unwrap_or_else(|| "n/a".to_string()),
-                whole_mib(peak),
-                whole_mib(largest),
+                whole_mib(largest_buffer(self.device)),
             );
             self.since = Instant::now();
         }
     }
 
-    /// "phase 1.20 s, phase 3.40 s, ...", in the order the phases came, and the most bytes
-    /// reserved in any phase (0 without a sampler).
-    fn finish(mut self) -> (String, u64) {
+    /// "phase 1.20 s, phase 3.40 s, ...", in the order the phases came.
+    fn finish(mut self) -> String {
         self.close();
-        let spent = self
-            .spent
+        self.spent
             .iter()
             .map(|(phase, s)| format!("{phase} {s:.2} s"))
             .collect::<Vec<_>>()
-            .join(", ");
-        (spent, self.most_reserved)
+            .join(", ")
     }
 }
 
