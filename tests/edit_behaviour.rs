@@ -507,15 +507,17 @@ fn previews_arrive_every_few_steps_and_leave_the_edit_unchanged() {
     assert_eq!(values(with.final_latent), values(without.final_latent));
 }
 
-/// A second edit of the same photo reuses the kept inversion: no inversion step is reported,
-/// and the result is what a fresh inversion gives (bit for bit, for both bank policies and a
-/// cross-image mode). A new prompt, photo or step count inverts again.
+/// A second edit of the same photo reuses the kept inversion and the guided steps' reference
+/// features: no inversion step is reported, no guided step takes its reference's features
+/// again (but drag's step 0 with the reference quirk, whose reference is the edit's own
+/// patched latent), and the result is what a fresh inversion gives (bit for bit, for both bank
+/// policies and a cross-image mode). A new prompt, photo or step count inverts again.
 #[test]
 fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
     let device = Device::flex();
     let sd = load_tiny(&device);
     for (name, case, json) in mode_specs() {
-        if !["move", "paste"].contains(&name) {
+        if !["move", "drag", "paste"].contains(&name) {
             continue;
         }
         for bank in [BankPolicy::Recompute, BankPolicy::Store] {
@@ -523,7 +525,9 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
                 &sd,
                 EngineOptions {
                     bank,
-                    fidelity: Fidelity::default(),
+                    fidelity: Fidelity {
+                        reference_quirks: name == "drag",
+                    },
                     gradients: GradientMemory::default(),
                 },
             );
@@ -542,9 +546,11 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
                     block_on(editor.run_reusing(e, cache, None, count, None)).expect("runs")
                 };
             let a = run_cached(&first, &mut cache, &mut count);
-            // Same photo and prompt, another edit of it: a moved arrow or offset.
+            assert_eq!(cache.feature_hits(), 0, "{name} {bank:?}");
+            // Same photo and prompt, another edit of it: a moved arrow, target or offset.
             let moved = json
                 .replace("[72, 72]", "[60, 70]")
+                .replace("[64, 60]", "[70, 58]")
                 .replace("[-54, 32]", "[-40, 30]");
             let second = edit(&moved, case);
             let b = run_cached(&second, &mut cache, &mut count);
@@ -553,6 +559,16 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
                 inverting, 6,
                 "{name} {bank:?}: only the first edit inverted"
             );
+            let plan = editor.plan(&second).expect("plans");
+            let guided = (0..6).filter(|&i| plan.is_guided(i)).count();
+            let own = usize::from(plan.step0_reference_is_initial_latent());
+            assert_eq!(own, usize::from(name == "drag"), "{name}");
+            assert_eq!(
+                cache.feature_hits(),
+                guided - own,
+                "{name} {bank:?}: the guided steps' reference features were reused"
+            );
+            assert!(cache.feature_bytes() > 0, "{name} {bank:?}");
             let fresh = run(&editor, &second).expect("runs");
             let fresh = values(fresh.final_latent);
             assert_eq!(values(b.final_latent), fresh);
@@ -575,6 +591,11 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
                 cache.hits(),
                 1,
                 "{name} {bank:?}: changed inputs inverted again"
+            );
+            assert_eq!(
+                cache.feature_hits(),
+                guided - own,
+                "{name} {bank:?}: and took their references' features again"
             );
         }
     }

@@ -7,7 +7,7 @@ use image::{RgbImage, imageops::FilterType};
 use sha2::{Digest, Sha256};
 
 use super::bank::{BankEntry, BankInjection, BankPolicy, SharedPassInjection, TokenMasks};
-use super::guidance::{self, GradientMemory, Guidance};
+use super::guidance::{self, GradientMemory, Guidance, ReferenceFeatures};
 use super::initial::{initial_latent, place};
 use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
@@ -84,16 +84,60 @@ pub struct Inversion {
 
 /// The last inversion and a digest of everything it depends on, so that a second edit of the
 /// same photo with the same prompts and settings skips its inversion passes (in the reference
-/// timings, 2.0 s of an 8.9 s edit). The owner keeps one per loaded model and clears it when
-/// the model changes.
+/// timings, 2.0 s of an 8.9 s edit), and the guided steps' reference features, which depend
+/// on nothing else either (ALGORITHM.md §11: one truncated UNet pass per guided step). The
+/// owner keeps one per loaded model and clears it when the model changes.
 #[derive(Default)]
 pub struct InversionCache {
-    entry: Option<([u8; 32], Inversion)>,
+    entry: Option<Kept>,
     hits: usize,
+    feature_hits: usize,
+    /// Set for an edit that no other edit follows: its reference features are not kept.
+    single_use: bool,
+}
+
+/// An inversion as one edit samples from it, with the reference features the edits of it
+/// share.
+struct Source<'a> {
+    inversion: &'a Inversion,
+    features: &'a mut Vec<Option<ReferenceFeatures>>,
+    /// Whether features computed now are kept for a later edit.
+    keep: bool,
+    hits: &'a mut usize,
+}
+
+impl Source<'_> {
+    /// Editing step `step`'s reference features: an earlier edit's, or `compute`'s (kept).
+    fn reference_features(
+        &mut self,
+        step: usize,
+        compute: impl FnOnce() -> ReferenceFeatures,
+    ) -> ReferenceFeatures {
+        if let Some(Some(kept)) = self.features.get(step) {
+            *self.hits += 1;
+            return kept.clone();
+        }
+        let computed = compute();
+        if self.keep {
+            if self.features.len() <= step {
+                self.features.resize(step + 1, None);
+            }
+            self.features[step] = Some(computed.clone());
+        }
+        computed
+    }
+}
+
+/// What one inversion's edits share.
+struct Kept {
+    key: [u8; 32],
+    inversion: Inversion,
+    /// The reference features of each editing step that computed them.
+    features: Vec<Option<ReferenceFeatures>>,
 }
 
 impl InversionCache {
-    /// Forgets the kept inversion (and the device memory it holds).
+    /// Forgets the kept inversion and features (and the device memory they hold).
     pub fn clear(&mut self) {
         self.entry = None;
     }
@@ -101,6 +145,22 @@ impl InversionCache {
     /// How many edits reused the kept inversion.
     pub fn hits(&self) -> usize {
         self.hits
+    }
+
+    /// How many guided steps took their reference features from an earlier edit.
+    pub fn feature_hits(&self) -> usize {
+        self.feature_hits
+    }
+
+    /// Device bytes of the kept reference features.
+    pub fn feature_bytes(&self) -> usize {
+        self.entry.as_ref().map_or(0, |k| {
+            k.features
+                .iter()
+                .flatten()
+                .map(ReferenceFeatures::bytes)
+                .sum()
+        })
     }
 }
 
@@ -317,7 +377,10 @@ impl<'a> Editor<'a> {
         progress: &mut ProgressFn<'_>,
         preview: Option<&mut Preview<'_>>,
     ) -> Result<EditOutput> {
-        let mut cache = InversionCache::default();
+        let mut cache = InversionCache {
+            single_use: true,
+            ..InversionCache::default()
+        };
         self.run_reusing(edit, &mut cache, trace, progress, preview)
             .await
     }
@@ -334,15 +397,30 @@ impl<'a> Editor<'a> {
     ) -> Result<EditOutput> {
         let plan = self.plan(edit)?;
         let key = inversion_key(edit, &plan, self.options.bank);
-        let inversion = match cache.entry.take() {
-            Some((k, inversion)) if k == key => {
+        let kept = match cache.entry.take() {
+            Some(kept) if kept.key == key => {
                 cache.hits += 1;
                 report(progress, Phase::Inverting, plan.steps, plan.steps)?;
-                inversion
+                kept
             }
-            _ => self.invert(edit, &plan, progress).await?,
+            _ => Kept {
+                key,
+                inversion: self.invert(edit, &plan, progress).await?,
+                features: Vec::new(),
+            },
         };
-        let inversion = &cache.entry.insert((key, inversion)).1;
+        let Kept {
+            inversion,
+            features,
+            ..
+        } = cache.entry.insert(kept);
+        let inversion = &*inversion;
+        let mut source = Source {
+            inversion,
+            features,
+            keep: !cache.single_use,
+            hits: &mut cache.feature_hits,
+        };
         let context = self.sd.encode_prompts(&["", &edit.prompt])?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.inversion_latents = inversion.latents.clone();
@@ -350,7 +428,7 @@ impl<'a> Editor<'a> {
             tr.inversion_text_embeddings = Some(inversion.context.clone());
         }
         let z = self
-            .sample(&plan, inversion, &context, trace, progress, preview)
+            .sample(&plan, &mut source, &context, trace, progress, preview)
             .await?;
         report(progress, Phase::Decoding, 0, 1)?;
         // `sample` read the final latent back, so the UNet's pages are free; the VAE decoder
@@ -427,15 +505,16 @@ impl<'a> Editor<'a> {
 
     /// Guided DDIM sampling from the inversion (ALGORITHM.md §5.5, §9). `context` is the CFG
     /// context `[2, 77, C]` (unconditional first).
-    pub async fn sample(
+    async fn sample(
         &self,
         plan: &EditPlan,
-        inversion: &Inversion,
+        source: &mut Source<'_>,
         context: &Tensor<3>,
         mut trace: Option<&mut Trace>,
         progress: &mut ProgressFn<'_>,
         mut preview: Option<&mut Preview<'_>>,
     ) -> Result<Tensor<4>> {
+        let inversion = source.inversion;
         let steps = plan.steps;
         let schedule = &self.sd.schedule;
         let stride = schedule.stride(steps) as i64;
@@ -470,16 +549,25 @@ impl<'a> Editor<'a> {
             let a_t = schedule.alpha_bar(t);
             let a_prev = schedule.alpha_bar(t - stride);
             let eps_x0 = if plan.is_guided(i) {
-                let reference = if i == 0 && plan.step0_reference_is_initial_latent() {
+                // The drag quirk's step-0 reference is this edit's own patched latent.
+                let own = i == 0 && plan.step0_reference_is_initial_latent();
+                let reference = if own {
                     z.clone()
                 } else {
                     inversion.latents[steps - i].clone()
                 };
-                let gd = guidance::evaluate(
+                let compute =
+                    || ReferenceFeatures::compute(&self.sd.unet, &reference, t as f32, &cond);
+                let refs = if own {
+                    compute()
+                } else {
+                    source.reference_features(i, compute)
+                };
+                let gd = guidance::evaluate_with(
                     &self.sd.unet,
                     plan,
                     &z,
-                    &reference,
+                    &refs,
                     t as f32,
                     &cond,
                     self.options.gradients,

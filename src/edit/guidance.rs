@@ -8,6 +8,7 @@ use super::energy::{Level, energies};
 use super::plan::EditPlan;
 use crate::device::read_back;
 use crate::error::{Error, Result};
+use crate::model::nn::to_dtype;
 use crate::model::pullback::widen;
 use crate::model::unet::{FeatureCheckpoints, Keep, Unet};
 
@@ -57,6 +58,39 @@ pub struct Guidance {
     pub features: Vec<(Tensor<4>, Tensor<4>, Option<Tensor<4>>)>,
 }
 
+/// The features of one guided step's reference latent(s), taken without gradient: one map per
+/// [`FEATURE_BLOCKS`] entry, `[B, C, h, w]`, in the model's dtype. They depend only on the
+/// inversion latent, the step and the prompt, not on the edit, so the engine keeps them for
+/// the next edit of the same photo (ALGORITHM.md §11: 7.9 MB per guided step at 512 px in f16).
+#[derive(Clone)]
+pub struct ReferenceFeatures(Vec<Tensor<4>>);
+
+impl ReferenceFeatures {
+    /// Runs the truncated UNet on `reference` `[B, 4, h, w]` at `timestep` with the
+    /// conditional text embedding `context` `[1, 77, C]` (every row sees the same prompt).
+    pub fn compute(unet: &Unet, reference: &Tensor<4>, timestep: f32, context: &Tensor<3>) -> Self {
+        let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
+        let ref_context = context.clone().repeat_dim(0, reference.dims()[0]);
+        let outputs = unet.up_block_features(reference.clone(), timestep, &ref_context, last);
+        // Back in the model's dtype to keep: f32 doubles an f16 model's, and the f16 values
+        // widen to the same f32 again.
+        Self(
+            FEATURE_BLOCKS
+                .iter()
+                .map(|&b| to_dtype(outputs[b].clone(), unet.dtype()))
+                .collect(),
+        )
+    }
+
+    /// Device bytes they hold.
+    pub fn bytes(&self) -> usize {
+        self.0
+            .iter()
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum()
+    }
+}
+
 async fn scalar(t: &Option<Tensor<1>>) -> Result<f32> {
     match t {
         Some(t) => Ok(read_back(t.clone().without_autodiff()).await?[0]),
@@ -76,10 +110,22 @@ pub async fn evaluate(
     context: &Tensor<3>,
     memory: GradientMemory,
 ) -> Result<Guidance> {
+    let refs = ReferenceFeatures::compute(unet, reference, timestep, context);
+    evaluate_with(unet, plan, z, &refs, timestep, context, memory).await
+}
+
+/// [`evaluate`] with the reference latent's features already taken.
+pub async fn evaluate_with(
+    unet: &Unet,
+    plan: &EditPlan,
+    z: &Tensor<4>,
+    refs: &ReferenceFeatures,
+    timestep: f32,
+    context: &Tensor<3>,
+    memory: GradientMemory,
+) -> Result<Guidance> {
     let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
-    let refs_batch = reference.dims()[0];
-    let ref_context = context.clone().repeat_dim(0, refs_batch);
-    let refs = unet.up_block_features(reference.clone(), timestep, &ref_context, last);
+    let refs_batch = refs.0[0].dims()[0];
 
     // One graph for both energies: the latent enters twice, so row 0 carries the editing
     // energy's gradient and row 1 the content energy's (burn cannot keep a graph for a second
@@ -125,9 +171,9 @@ pub async fn evaluate(
     let mut edit_levels = Vec::new();
     let mut content_levels = Vec::new();
     let mut features = Vec::new();
-    for &b in &FEATURE_BLOCKS {
+    for (&b, r) in FEATURE_BLOCKS.iter().zip(&refs.0) {
         let g = gens[b].clone();
-        let r = refs[b].clone();
+        let r = to_dtype(r.clone(), burn::tensor::DType::F32);
         let base = r.clone().narrow(0, 0, 1);
         let replace = (refs_batch > 1).then(|| r.clone().narrow(0, 1, 1));
         let g_edit = g.clone().narrow(0, 0, 1);

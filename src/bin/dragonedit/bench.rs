@@ -649,9 +649,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             })?);
         }
         // The same move edit again on the same photo: the first edit fills the cache, and
-        // every run after it reuses that inversion, so this row against the first whole-edit
-        // row is what a second drag of one photo saves.
-        let name = format!("second edit of the same photo: move, inversion reused ({steps} steps)");
+        // every run after it reuses that inversion and the guided steps' reference features,
+        // so this row against the first whole-edit row is what a second drag of one photo
+        // saves.
+        let name = format!(
+            "second edit of the same photo: move, inversion and reference features reused ({steps} steps)"
+        );
         if edit_plan.selects(&name) {
             let mut cache = InversionCache::default();
             let mut second = || -> Result<()> {
@@ -660,6 +663,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             };
             second()?;
             rows.extend(measure(&name, edit_plan, &device, &mut second)?);
+            eprintln!(
+                "bench: {name}: reference features kept for the next edit: {:.1} MiB, reused by {} guided steps",
+                mib(cache.feature_bytes() as u64),
+                cache.feature_hits(),
+            );
             let reuses = edit_plan.warmups + edit_plan.runs;
             anyhow::ensure!(
                 cache.hits() == reuses,

@@ -177,6 +177,11 @@ impl Unet {
         to_dtype(eps, DType::F32)
     }
 
+    /// The dtype the weights and activations are in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The truncated forward of the guidance (ALGORITHM.md §3): stops after `up_blocks.2` and
     /// returns the outputs of up blocks 0..=2, so `up_blocks.3` and the head never run.
     pub fn up_block_features(
