@@ -71,15 +71,9 @@ impl ReferenceFeatures {
     pub fn compute(unet: &Unet, reference: &Tensor<4>, timestep: f32, context: &Tensor<3>) -> Self {
         let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
         let ref_context = context.clone().repeat_dim(0, reference.dims()[0]);
-        let outputs = unet.up_block_features(reference.clone(), timestep, &ref_context, last);
-        // Back in the model's dtype to keep: f32 doubles an f16 model's, and the f16 values
-        // widen to the same f32 again.
-        Self(
-            FEATURE_BLOCKS
-                .iter()
-                .map(|&b| to_dtype(outputs[b].clone(), unet.dtype()))
-                .collect(),
-        )
+        // Kept in the model's dtype (f32 would double an f16 model's); widened where used.
+        let outputs = unet.up_block_outputs(reference.clone(), timestep, &ref_context, last);
+        Self(FEATURE_BLOCKS.iter().map(|&b| outputs[b].clone()).collect())
     }
 
     /// Device bytes they hold.

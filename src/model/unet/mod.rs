@@ -177,14 +177,24 @@ impl Unet {
         to_dtype(eps, DType::F32)
     }
 
-    /// The dtype the weights and activations are in.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+    /// The truncated forward of the guidance (ALGORITHM.md §3): stops after `up_blocks.2` and
+    /// returns the outputs of up blocks 0..=2 in f32, so `up_blocks.3` and the head never run.
+    pub fn up_block_features(
+        &self,
+        latent: Tensor<4>,
+        timestep: f32,
+        context: &Tensor<3>,
+        last_up: usize,
+    ) -> Vec<Tensor<4>> {
+        self.up_block_outputs(latent, timestep, context, last_up)
+            .into_iter()
+            .map(|x| to_dtype(x, DType::F32))
+            .collect()
     }
 
-    /// The truncated forward of the guidance (ALGORITHM.md §3): stops after `up_blocks.2` and
-    /// returns the outputs of up blocks 0..=2, so `up_blocks.3` and the head never run.
-    pub fn up_block_features(
+    /// [`up_block_features`](Self::up_block_features) in the model's own dtype: for features
+    /// that are kept (an f16 model's take half the memory in f16).
+    pub fn up_block_outputs(
         &self,
         latent: Tensor<4>,
         timestep: f32,
@@ -195,8 +205,5 @@ impl Unet {
         let mut outputs = self.run(latent, timestep, context, &mut NoHook, last, false);
         outputs.truncate(last + 1);
         outputs
-            .into_iter()
-            .map(|x| to_dtype(x, DType::F32))
-            .collect()
     }
 }
