@@ -355,12 +355,14 @@ fn bench_only_runs_the_rows_it_names() {
 }
 
 /// Each whole edit's phase says the most the GPU pool reserved while it ran, read by a thread
-/// of the bench's own. The engine hands the VAE's pages back before it reports the next
-/// phase, so the encoder's and the decoder's pages can only be seen while they run: their
-/// phases' peaks are above what was reserved both as they began and once they were done
-/// (with readings only at the phase changes they equal the larger of the two). The table's
-/// peak for the edit covers every phase, so it is above what the pool kept after the edit;
-/// in the browser's layout too, whose pool reports no peaks of its own.
+/// of the bench's own in one untimed run after the timed ones (only that run's phase lines
+/// have a peak), which starts from a pool whose free pages went back. The engine hands the
+/// VAE's pages back before it reports the next phase, so in the browser's layout the
+/// encoder's and the decoder's pages can only be seen while they run: their phases' peaks
+/// are above what was reserved both as they began and once they were done (with readings
+/// only at the phase changes they equal the larger of the two). The table's peak for the
+/// edit covers every phase, so it is above what the pool kept after the edit, in both
+/// layouts (the browser's pool reports no peaks of its own).
 #[test]
 fn bench_reads_the_pools_peak_while_each_phase_runs() {
     if dragonedit::device::test_gpu().is_none() {
@@ -396,7 +398,11 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
             let most = mib_after(line, "reserved at most ");
             let now = mib_after(line, ", reserved ");
             assert!(most >= now.max(at_start), "{pools}: {line}");
-            if line.contains("encoding image took") || line.contains("decoding took") {
+            // In the shared layout the pool's pages have by then grown to the size the
+            // first run outgrew them to, so the page the VAE works in can already be held when
+            // its phase begins; the browser's layout allocates and frees it with the VAE.
+            let vae = line.contains("encoding image took") || line.contains("decoding took");
+            if vae && pools == "exclusive" {
                 assert!(
                     most > now.max(at_start),
                     "{pools}: the VAE's pages went unseen: {line}"

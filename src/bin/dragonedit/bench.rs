@@ -161,6 +161,12 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
+    /// The runs `measure` makes after the timed ones: one for the pool's peak where the device
+    /// has a pool, one more for `--profile`.
+    fn untimed_after(&self) -> usize {
+        usize::from(self.sampler.is_some()) + usize::from(self.profile)
+    }
+
     fn selects(&self, name: &str) -> bool {
         self.only.is_none_or(|only| {
             only.split(',')
@@ -248,8 +254,8 @@ fn measure(
             .sync()
             .map_err(|e| anyhow::anyhow!("device error: {e:?}"))
     };
-    // Free pages that earlier rows left go back, so that this row's peak is the weights and
-    // its own.
+    // Free pages that earlier rows left go back: the "pool before" line is then the weights
+    // and what is cached between edits.
     sync()?;
     device::release_unused(device);
     if let Some(line) = pool_line(device) {
@@ -269,9 +275,6 @@ fn measure(
             warm.elapsed().as_secs_f64()
         );
     }
-    // The timed runs' peak: pages the warm-ups reserved and kept count, autotune's candidates
-    // that they freed do not.
-    let peak = plan.sampler.map(PoolSampler::watch);
     let mut times_ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t0 = Instant::now();
@@ -279,7 +282,28 @@ fn measure(
         sync()?;
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    let peak_mib = peak.map(|p| mib(p.take()));
+    // The peak comes from one more, untimed run: reading the pool while the timed runs ran
+    // slowed them (see `pool_sampler`). Free pages go back first, so the peak is what one run
+    // needs above the weights, not what the runs before it (autotune's candidates among them)
+    // left reserved.
+    let peak_mib = match plan.sampler {
+        Some(sampler) => {
+            sync()?;
+            device::release_unused(device);
+            let (peak, before) = (sampler.watch(), sampler.readings());
+            let t0 = Instant::now();
+            f()?;
+            sync()?;
+            // A run of a few readings may have missed its peak.
+            eprintln!(
+                "bench: {name}: the peak's untimed run took {:.1} ms, the pool read {} times",
+                t0.elapsed().as_secs_f64() * 1e3,
+                sampler.readings() - before,
+            );
+            Some(mib(peak.take()))
+        }
+        None => None,
+    };
     let largest_mib = largest_buffer(device);
     let heap_mib = mib(heap::peak_since(heap_base) as u64);
     if let Some(line) = pool_line(device) {
@@ -668,7 +692,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 mib(cache.feature_bytes() as u64),
                 cache.feature_hits(),
             );
-            let reuses = edit_plan.warmups + edit_plan.runs;
+            let reuses = edit_plan.warmups + edit_plan.runs + edit_plan.untimed_after();
             anyhow::ensure!(
                 cache.hits() == reuses,
                 "the second edit inverted again ({} reuses in {reuses} runs)",
@@ -704,10 +728,12 @@ struct PhaseClock<'a> {
 }
 
 impl<'a> PhaseClock<'a> {
+    /// The phases' peaks are kept only in the run `measure` reads the pool through, so that
+    /// the timed runs are not slowed by the readings.
     fn new(device: &'a Device, row: &'a str, sampler: Option<&PoolSampler>) -> Self {
         Self {
             device,
-            peak: sampler.map(PoolSampler::watch),
+            peak: sampler.filter(|s| s.watching()).map(PoolSampler::watch),
             row,
             current: None,
             since: Instant::now(),
@@ -728,11 +754,12 @@ impl<'a> PhaseClock<'a> {
             let _ = self.device.sync();
             let s = self.since.elapsed().as_secs_f64();
             self.spent.push((phase, s));
-            let reserved = self.peak.as_ref().map(Peak::take);
+            let reserved = self.peak.as_ref().map_or(String::new(), |p| {
+                format!("; reserved at most {:.0} MiB during it", mib(p.take()))
+            });
             eprintln!(
-                "bench: {}: {phase} took {s:.2} s; reserved at most {} MiB during it; pool now {}; largest buffer {} MiB",
+                "bench: {}: {phase} took {s:.2} s{reserved}; pool now {}; largest buffer {} MiB",
                 self.row,
-                whole_mib(reserved.map(mib)),
                 pool_line(self.device).unwrap_or_else(|| "n/a".to_string()),
                 whole_mib(largest_buffer(self.device)),
             );
