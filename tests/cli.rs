@@ -431,3 +431,34 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
         );
     }
 }
+
+/// `--no-peak` leaves out the untimed run that reads the pool, for runs that compare times
+/// only; without it a GPU row has a peak.
+#[test]
+fn bench_no_peak_skips_the_pools_run() {
+    if dragonedit::device::test_gpu().is_none() {
+        return;
+    }
+    for (flag, peak_shown) in [(None, true), (Some("--no-peak"), false)] {
+        let out = dragonedit()
+            .args(["bench", "--tiny", "--resolution", "64", "--runs", "1"])
+            .args(["--warmups", "0", "--only", "VAE decode"])
+            .args(flag)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("| VAE decode"))
+            .expect("the row");
+        let peak = row.split('|').nth(4).map(str::trim).expect("a peak cell");
+        assert_eq!(peak.parse::<f64>().is_ok(), peak_shown, "{flag:?}: {row}");
+        assert_eq!(
+            stderr.contains("untimed run"),
+            peak_shown,
+            "{flag:?}: {stderr}"
+        );
+    }
+}

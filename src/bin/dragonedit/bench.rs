@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// printed after the table.
     #[arg(long)]
     pub profile: bool,
+    /// Skips the untimed run after each row's timed ones that reads the pool's peak (the
+    /// peak column then says n/a): for runs that only compare times.
+    #[arg(long)]
+    pub no_peak: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -476,7 +480,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let size = args.resolution;
     let (lh, lw) = (size as usize / 8, size as usize / 8);
     // The reading thread runs until the bench ends.
-    let sampler = PoolSampler::start(&device);
+    let sampler = if args.no_peak {
+        None
+    } else {
+        PoolSampler::start(&device)
+    };
     let plan = Plan {
         only: args.only.as_deref(),
         sampler: sampler.as_ref(),
