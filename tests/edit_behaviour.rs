@@ -600,3 +600,44 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
         }
     }
 }
+
+/// A cache with a feature budget keeps the guided steps' reference features only while they
+/// fit (the browser keeps to one), and a second edit computes the rest again: it reuses as
+/// many steps as the budget held, and still equals a fresh edit. A budget of nothing keeps
+/// none, and the inversion is reused all the same.
+#[test]
+fn reference_features_are_kept_within_the_caches_budget() {
+    let device = Device::flex();
+    let sd = load_tiny(&device);
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let (_, case, json) = mode_specs()
+        .into_iter()
+        .find(|(name, ..)| *name == "move")
+        .expect("a move spec");
+    let json = json.replace("\"resolution\": 128", "\"resolution\": 128, \"steps\": 6");
+    let first = edit(&json, case);
+    let second = edit(&json.replace("[72, 72]", "[60, 70]"), case);
+    let plan = editor.plan(&second).expect("plans");
+    let guided = (0..6).filter(|&i| plan.is_guided(i)).count();
+    assert!(guided >= 3, "{guided} guided steps: too few to cut");
+    let run_cached = |e: &Edit, cache: &mut InversionCache| {
+        block_on(editor.run_reusing(e, cache, None, &mut |_| true, None)).expect("runs")
+    };
+    let mut unbounded = InversionCache::default();
+    run_cached(&first, &mut unbounded);
+    let per_step = unbounded.feature_bytes() / guided;
+    assert_eq!(unbounded.feature_bytes(), per_step * guided, "steps alike");
+    let fresh = values(run(&editor, &second).expect("runs").final_latent);
+    // Two steps' worth and a half: the third does not fit.
+    for (budget, kept) in [(per_step * 5 / 2, 2), (0, 0)] {
+        let mut cache = InversionCache::with_feature_budget(budget);
+        run_cached(&first, &mut cache);
+        assert_eq!(cache.feature_bytes(), per_step * kept, "budget {budget}");
+        let b = run_cached(&second, &mut cache);
+        assert_eq!(cache.hits(), 1, "budget {budget}: the inversion reused");
+        assert_eq!(cache.feature_hits(), kept, "budget {budget}");
+        // The second edit's own steps did not push past the budget either.
+        assert_eq!(cache.feature_bytes(), per_step * kept, "budget {budget}");
+        assert_eq!(values(b.final_latent), fresh, "budget {budget}");
+    }
+}

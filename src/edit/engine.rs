@@ -92,8 +92,10 @@ pub struct InversionCache {
     entry: Option<Kept>,
     hits: usize,
     feature_hits: usize,
-    /// Set for an edit that no other edit follows: its reference features are not kept.
-    single_use: bool,
+    /// The most device bytes of reference features kept (none: no limit). Guided steps past
+    /// it compute their features again in a later edit: the browser keeps to a budget, and
+    /// an edit that no other edit follows keeps none.
+    feature_budget: Option<usize>,
 }
 
 /// An inversion as one edit samples from it, with the reference features the edits of it
@@ -101,8 +103,8 @@ pub struct InversionCache {
 struct Source<'a> {
     inversion: &'a Inversion,
     features: &'a mut Vec<Option<ReferenceFeatures>>,
-    /// Whether features computed now are kept for a later edit.
-    keep: bool,
+    /// Bytes of features computed now that may still be kept for a later edit.
+    budget: usize,
     hits: &'a mut usize,
 }
 
@@ -118,7 +120,9 @@ impl Source<'_> {
             return kept.clone();
         }
         let computed = compute();
-        if self.keep {
+        let bytes = computed.bytes();
+        if bytes <= self.budget {
+            self.budget -= bytes;
             if self.features.len() <= step {
                 self.features.resize(step + 1, None);
             }
@@ -137,6 +141,15 @@ struct Kept {
 }
 
 impl InversionCache {
+    /// A cache that keeps at most `bytes` of reference features (a 512 px guided step's are
+    /// 7.9 MB in f16, twice that where the edit has a reference image).
+    pub fn with_feature_budget(bytes: usize) -> Self {
+        Self {
+            feature_budget: Some(bytes),
+            ..Self::default()
+        }
+    }
+
     /// Forgets the kept inversion and features (and the device memory they hold).
     pub fn clear(&mut self) {
         self.entry = None;
@@ -154,13 +167,17 @@ impl InversionCache {
 
     /// Device bytes of the kept reference features.
     pub fn feature_bytes(&self) -> usize {
-        self.entry.as_ref().map_or(0, |k| {
-            k.features
-                .iter()
-                .flatten()
-                .map(ReferenceFeatures::bytes)
-                .sum()
-        })
+        self.entry.as_ref().map_or(0, Kept::feature_bytes)
+    }
+}
+
+impl Kept {
+    fn feature_bytes(&self) -> usize {
+        self.features
+            .iter()
+            .flatten()
+            .map(ReferenceFeatures::bytes)
+            .sum()
     }
 }
 
@@ -377,10 +394,7 @@ impl<'a> Editor<'a> {
         progress: &mut ProgressFn<'_>,
         preview: Option<&mut Preview<'_>>,
     ) -> Result<EditOutput> {
-        let mut cache = InversionCache {
-            single_use: true,
-            ..InversionCache::default()
-        };
+        let mut cache = InversionCache::with_feature_budget(0);
         self.run_reusing(edit, &mut cache, trace, progress, preview)
             .await
     }
@@ -409,6 +423,9 @@ impl<'a> Editor<'a> {
                 features: Vec::new(),
             },
         };
+        let budget = cache
+            .feature_budget
+            .map_or(usize::MAX, |b| b.saturating_sub(kept.feature_bytes()));
         let Kept {
             inversion,
             features,
@@ -418,7 +435,7 @@ impl<'a> Editor<'a> {
         let mut source = Source {
             inversion,
             features,
-            keep: !cache.single_use,
+            budget,
             hits: &mut cache.feature_hits,
         };
         let context = self.sd.encode_prompts(&["", &edit.prompt])?;
