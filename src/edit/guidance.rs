@@ -15,6 +15,18 @@ use crate::model::unet::{FeatureCheckpoints, Keep, Unet};
 /// The up blocks whose outputs are the features (`up_ft_index = [1, 2]`).
 pub const FEATURE_BLOCKS: [usize; 2] = [1, 2];
 
+/// The last up block the truncated forward runs: the largest of [`FEATURE_BLOCKS`].
+const LAST_FEATURE_BLOCK: usize = {
+    let (mut last, mut i) = (0, 0);
+    while i < FEATURE_BLOCKS.len() {
+        if FEATURE_BLOCKS[i] > last {
+            last = FEATURE_BLOCKS[i];
+        }
+        i += 1;
+    }
+    last
+};
+
 /// How the gradient through the truncated UNet is taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum GradientMemory {
@@ -69,10 +81,14 @@ impl ReferenceFeatures {
     /// Runs the truncated UNet on `reference` `[B, 4, h, w]` at `timestep` with the
     /// conditional text embedding `context` `[1, 77, C]` (every row sees the same prompt).
     pub fn compute(unet: &Unet, reference: &Tensor<4>, timestep: f32, context: &Tensor<3>) -> Self {
-        let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
         let ref_context = context.clone().repeat_dim(0, reference.dims()[0]);
         // Kept in the model's dtype (f32 would double an f16 model's); widened where used.
-        let outputs = unet.up_block_outputs(reference.clone(), timestep, &ref_context, last);
+        let outputs = unet.up_block_outputs(
+            reference.clone(),
+            timestep,
+            &ref_context,
+            LAST_FEATURE_BLOCK,
+        );
         Self(FEATURE_BLOCKS.iter().map(|&b| outputs[b].clone()).collect())
     }
 
@@ -118,7 +134,6 @@ pub async fn evaluate_with(
     context: &Tensor<3>,
     memory: GradientMemory,
 ) -> Result<Guidance> {
-    let last = *FEATURE_BLOCKS.iter().max().unwrap_or(&2);
     let refs_batch = refs.0[0].dims()[0];
 
     // One graph for both energies: the latent enters twice, so row 0 carries the editing
@@ -147,12 +162,18 @@ pub async fn evaluate_with(
     let (backward, gens) = match keep {
         None => {
             let leaf = latent.autodiff().require_grad();
-            let gens = unet.up_block_features(leaf.clone(), timestep, &gen_context, last);
+            let gens =
+                unet.up_block_features(leaf.clone(), timestep, &gen_context, LAST_FEATURE_BLOCK);
             (Backward::Tape(Box::new(leaf)), gens)
         }
         Some(keep) => {
-            let checkpoints =
-                unet.checkpointed_features(latent, timestep, &gen_context, last, keep);
+            let checkpoints = unet.checkpointed_features(
+                latent,
+                timestep,
+                &gen_context,
+                LAST_FEATURE_BLOCK,
+                keep,
+            );
             let gens = checkpoints
                 .features()
                 .iter()
