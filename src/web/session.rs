@@ -22,8 +22,7 @@ use crate::progress::Progress;
 thread_local! {
     static MODEL: RefCell<Option<Rc<StableDiffusion>>> = const { RefCell::new(None) };
     /// The last edit's inversion: a second edit of the same photo skips it.
-    static INVERSION: RefCell<InversionCache> =
-        RefCell::new(InversionCache::with_feature_budget(KEPT_FEATURES_BYTES));
+    static INVERSION: RefCell<InversionCache> = RefCell::new(tab_cache());
 }
 
 /// The reference features a tab keeps for the next edit of the same photo. A 512 px edit's
@@ -31,6 +30,11 @@ thread_local! {
 /// 256 MiB (more with the pool's size buckets) keeps every guided step of a 30-step edit
 /// without a reference image (7.5 MiB each in f16) and about half of one with.
 const KEPT_FEATURES_BYTES: usize = 256 << 20;
+
+/// An empty inversion cache that keeps to the tab's feature budget.
+fn tab_cache() -> InversionCache {
+    InversionCache::with_feature_budget(KEPT_FEATURES_BYTES)
+}
 
 fn js_error(e: Error) -> JsValue {
     js_sys::Error::new(&e.to_string()).into()
@@ -182,12 +186,7 @@ pub async fn run_edit(
     // Taken out for the edit (it is awaited across steps) and put back after, whatever the
     // outcome; the worker runs one edit at a time.
     // What is left in its place (should the edit never finish) keeps to the budget too.
-    let mut cache = INVERSION.with(|c| {
-        std::mem::replace(
-            &mut *c.borrow_mut(),
-            InversionCache::with_feature_budget(KEPT_FEATURES_BYTES),
-        )
-    });
+    let mut cache = INVERSION.with(|c| std::mem::replace(&mut *c.borrow_mut(), tab_cache()));
     let out = editor
         .run_reusing(
             &edit,
