@@ -3,7 +3,7 @@
 //! natively) or on the CPU.
 //!
 //! The engine (models, diffusion, weights) never touches the DOM, the file system or the
-//! network; the browser shell ([`web`], wasm32 only) and the native CLI own all I/O.
+//! network; the browser shell (`web`, wasm32 only) and the native CLI own all I/O.
 
 pub mod device;
 pub mod diffusion;

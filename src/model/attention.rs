@@ -121,7 +121,7 @@ impl Chunking {
 }
 
 /// softmax(q kᵀ / sqrt(d)) v through burn's fused attention op, over groups of heads (see
-/// [`FUSED_MAX_SCORE_BYTES`]).
+/// `FUSED_MAX_SCORE_BYTES`).
 pub fn attend_fused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     fused_in_groups(q, k, v, FUSED_MAX_SCORE_BYTES)
 }

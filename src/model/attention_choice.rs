@@ -1,7 +1,7 @@
 //! Which way a native GPU computes the UNet's attention faster, timed on that GPU, once per
 //! shape. burn's fused op (autotuned natively) and our flash kernel (`flash_attention`) rank
 //! differently from one device to the next: on lavapipe the fused op wins the op alone, while
-//! on an H200 the kernel took 3.8 ms at [2,8,4096,40] against the fused op's 21-33 ms (12.6 on
+//! on an H200 the kernel took 3.8 ms at `[2,8,4096,40]` against the fused op's 21-33 ms (12.6 on
 //! another H200 machine: its autotune varies; docs/BENCHMARKS.md). So with
 //! `AttentionStrategy::Auto` the first call of each shape runs both on its own inputs, compares
 //! their results and keeps the faster way for the process, as the browser does for

@@ -9,7 +9,7 @@ use burn::tensor::{DType, Device, Distribution, Tensor};
 use serde::Serialize;
 use web_time::Instant;
 
-use super::nn::{Conv2d, ConvSpec, ConvStrategy};
+use super::conv::{Conv2d, ConvSpec, ConvStrategy};
 use crate::device::read_back;
 use crate::error::Result;
 

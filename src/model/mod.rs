@@ -5,6 +5,7 @@ pub mod attention;
 pub mod attention_choice;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod conv_choice;
 pub mod flash_attention;
 pub mod folder;

@@ -51,7 +51,7 @@ impl ProductSplit {
 
     /// Into how many parts a product of `outputs` output elements over a shared axis of `k`
     /// is cut: the fewest powers of two that bring it to the threshold, at most [`MAX_PARTS`],
-    /// each part at least [`MIN_PART_LEN`] long and all of one length.
+    /// each part at least `MIN_PART_LEN` (256) long and all of one length.
     pub fn parts(self, outputs: usize, k: usize) -> usize {
         let mut parts = 1;
         while outputs.saturating_mul(parts) < self.below

@@ -2,7 +2,8 @@
 
 use burn::tensor::Tensor;
 
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear};
+use super::conv::{Conv2d, ConvSpec};
+use super::nn::{GroupNorm, Linear};
 use crate::error::Result;
 use crate::weights::Loader;
 

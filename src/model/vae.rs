@@ -4,7 +4,8 @@ use burn::tensor::{DType, Tensor};
 
 use super::attention::AttentionPlan;
 use super::config::VaeConfig;
-use super::nn::{Conv2d, ConvSpec, GroupNorm, Linear, to_dtype, upsample_nearest_2x};
+use super::conv::{Conv2d, ConvSpec};
+use super::nn::{GroupNorm, Linear, to_dtype, upsample_nearest_2x};
 use super::resnet::{ResnetBlock, ResnetSpec};
 use crate::error::Result;
 use crate::weights::Loader;

@@ -14,9 +14,9 @@ use crate::StableDiffusion;
 use crate::edit::{EditSpec, Editor, EngineOptions, InversionCache, Preview};
 use crate::error::Error;
 use crate::model::config::UnetConfig;
+use crate::model::conv::{ConvStrategy, set_conv_strategy};
 use crate::model::conv_choice::{ConvTimings, time_convolutions};
 use crate::model::folder::{ModelSource, layout};
-use crate::model::nn::{ConvStrategy, set_conv_strategy};
 use crate::progress::Progress;
 
 thread_local! {

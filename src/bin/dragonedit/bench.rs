@@ -16,8 +16,8 @@ use dragonedit::edit::{EditSpec, Editor, EngineOptions, GradientMemory, Inversio
 use dragonedit::model::attention::{
     AttentionStrategy, UnetAttention, set_attention_strategy, unet_attention, uses_fused,
 };
+use dragonedit::model::conv::ConvStrategy;
 use dragonedit::model::flash_attention::runs_as_kernels;
-use dragonedit::model::nn::ConvStrategy;
 use dragonedit::model::products::set_split_outputs;
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
@@ -469,7 +469,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.profile && args.cpu {
         eprintln!("bench: --profile counts GPU kernel launches; with --cpu it is ignored");
     }
-    dragonedit::model::nn::set_conv_strategy(args.conv.into());
+    dragonedit::model::conv::set_conv_strategy(args.conv.into());
     set_attention_strategy(args.attention.into());
     set_split_outputs(args.split_outputs);
     let device = open_device_with_pools(args.cpu, args.pools.into())?;
@@ -511,7 +511,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         },
         device_name(&device),
         dtype,
-        if dragonedit::model::nn::uses_gemm(&device) {
+        if dragonedit::model::conv::uses_gemm(&device) {
             "im2col + matmul"
         } else {
             "burn's conv2d"
@@ -831,7 +831,7 @@ fn op_rows(
 ) -> Result<Vec<Row>> {
     use burn::tensor::{DType, Distribution};
     use dragonedit::model::attention::{AttentionPlan, attend_fused};
-    use dragonedit::model::nn::{Conv2d, ConvSpec};
+    use dragonedit::model::conv::{Conv2d, ConvSpec};
 
     let names = [
         format!("op: conv3x3 320->320, [2,320,{lh},{lw}], burn's conv2d"),

@@ -5,7 +5,7 @@ use super::steps::Step;
 use super::transformer::{Transformer2D, TransformerSpec};
 use crate::error::Result;
 use crate::model::config::UnetConfig;
-use crate::model::nn::{Conv2d, ConvSpec};
+use crate::model::conv::{Conv2d, ConvSpec};
 use crate::model::resnet::{ResnetBlock, ResnetSpec};
 use crate::weights::Loader;
 

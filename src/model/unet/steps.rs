@@ -8,7 +8,8 @@ use burn::tensor::{DType, Tensor};
 use super::transformer::{LeanTransformerTrace, Transformer2D, TransformerTrace};
 use super::{KvHook, NoHook, Unet};
 use crate::model::attention::AttentionPlan;
-use crate::model::nn::{Conv2d, to_dtype, upsample_nearest};
+use crate::model::conv::Conv2d;
+use crate::model::nn::{to_dtype, upsample_nearest};
 use crate::model::pullback::{Kept, pullback, pullback_wide, pullback2, widen};
 use crate::model::resnet::{ResnetBlock, ResnetTrace, TimeProjections};
 

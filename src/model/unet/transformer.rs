@@ -7,8 +7,9 @@ use super::hooks::{DecoderAttention, KvHook};
 use crate::error::Result;
 use crate::model::attention::{AttentionPlan, UnetAttention, attend_fused, unet_attention};
 use crate::model::attention_choice::kernel_is_faster;
+use crate::model::conv::{Conv2d, ConvSpec};
 use crate::model::flash_attention::{attention_pull_back, flash_attention, runs_as_kernels};
-use crate::model::nn::{Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, StackedLinear, to_dtype};
 use crate::model::pullback::Kept;
 use crate::weights::Loader;
 
