@@ -9,8 +9,6 @@ mod download;
 #[cfg(not(target_family = "wasm"))]
 mod edit;
 #[cfg(not(target_family = "wasm"))]
-mod pool_sampler;
-#[cfg(not(target_family = "wasm"))]
 mod run;
 
 /// Counts heap bytes for `bench`'s peak heap column (two relaxed atomic adds per allocation).
