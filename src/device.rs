@@ -117,6 +117,10 @@ pub struct KernelLanguage {
     /// Cooperative matrices (tensor cores), which only SPIR-V on Vulkan can ask for: the
     /// `spirv` build on a card whose driver offers them.
     pub matrix_cores: bool,
+    /// The matrix-multiply shapes the driver offers and cubecl registered for its matrix
+    /// products, as "a x b -> c, MxNxK"; empty without matrix cores. Which of them burn's
+    /// matmul can use decides what the cores give, so the bench prints them.
+    pub matrix_shapes: Vec<String>,
 }
 
 /// [`KernelLanguage`] of a native wgpu device; `None` for the CPU and the browser.
@@ -126,9 +130,19 @@ pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
     match device.as_dispatch() {
         burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
             let client = cube.client();
+            let shapes = &client.properties().features.matmul.cmma;
             Some(KernelLanguage {
                 runtime: client.name(),
-                matrix_cores: !client.properties().features.matmul.cmma.is_empty(),
+                matrix_cores: !shapes.is_empty(),
+                matrix_shapes: shapes
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{:?} x {:?} -> {:?}, {}x{}x{}",
+                            c.a_type, c.b_type, c.cd_type, c.m, c.n, c.k
+                        )
+                    })
+                    .collect(),
             })
         }
         _ => None,
@@ -173,4 +187,36 @@ pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))
+}
+
+#[cfg(all(test, not(target_family = "wasm")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_language_names_the_build_and_its_matrix_shapes() {
+        assert_eq!(kernel_language(&Device::flex()), None);
+        let Some(device) = test_gpu() else {
+            return;
+        };
+        let language = kernel_language(&device).expect("a wgpu device has a kernel language");
+        let want = if cfg!(feature = "spirv") {
+            "wgpu<spirv>"
+        } else {
+            "wgpu<wgsl>"
+        };
+        assert_eq!(language.runtime, want);
+        // Only SPIR-V asks the driver for cooperative matrices; a shape is listed exactly when
+        // there are matrix cores, each as "a x b -> c, MxNxK".
+        if !cfg!(feature = "spirv") {
+            assert!(!language.matrix_cores);
+        }
+        assert_eq!(language.matrix_cores, !language.matrix_shapes.is_empty());
+        for shape in &language.matrix_shapes {
+            assert!(
+                shape.contains(" -> ") && shape.matches('x').count() >= 4,
+                "{shape}"
+            );
+        }
+    }
 }

@@ -428,14 +428,19 @@ fn attention_choices() -> String {
 }
 
 /// The device, and natively the card, what its kernels are compiled to and whether its matrix
-/// products reach the card's matrix cores: a table from the `spirv` build says so.
+/// products reach the card's matrix cores, with the shapes the driver offers them in: a table
+/// from the `spirv` build says so.
 fn device_name(device: &Device) -> String {
     let card = device.identity().map(|id| id.name).unwrap_or_default();
     match dragonedit::device::kernel_language(device) {
         Some(language) => format!(
             "{device:?} ({card}; kernels: {}, matrix cores: {})",
             language.runtime,
-            if language.matrix_cores { "yes" } else { "no" }
+            if language.matrix_cores {
+                format!("yes: {}", language.matrix_shapes.join("; "))
+            } else {
+                "no".to_string()
+            }
         ),
         None => format!("{device:?}"),
     }
