@@ -456,17 +456,7 @@ fn add_image(y: Tensor<4>, plus: Option<Tensor<3>>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
-
-    fn wave<const D: usize>(shape: [usize; D], seed: f32, device: &Device) -> Tensor<D> {
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-        Tensor::from_data(TensorData::new(vals, shape), device)
-    }
-
-    fn max_abs(t: Tensor<4>) -> f32 {
-        t.abs().max().into_scalar::<f32>()
-    }
+    use crate::model::{layer_wave as wave, max_abs};
 
     #[test]
     fn gemm_convolution_equals_burns() {

@@ -38,3 +38,22 @@ pub(crate) fn wave<const D: usize>(
         .add_scalar(offset)
         .reshape(shape)
 }
+
+/// `sin(0.37 i + seed)` along the flat index `i`, made on the host: the layer tests' inputs,
+/// values under 1 that differ per element and per seed.
+#[cfg(test)]
+pub(crate) fn layer_wave<const D: usize>(
+    shape: [usize; D],
+    seed: f32,
+    device: &burn::tensor::Device,
+) -> burn::tensor::Tensor<D> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
+}
+
+/// The largest magnitude in `t`.
+#[cfg(test)]
+pub(crate) fn max_abs(t: burn::tensor::Tensor<4>) -> f32 {
+    t.abs().max().into_scalar::<f32>()
+}

@@ -304,17 +304,8 @@ pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
-
-    fn wave<const D: usize>(shape: [usize; D], seed: f32, device: &Device) -> Tensor<D> {
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-        Tensor::from_data(TensorData::new(vals, shape), device)
-    }
-
-    fn max_abs(t: Tensor<4>) -> f32 {
-        t.abs().max().into_scalar::<f32>()
-    }
+    use crate::model::{layer_wave as wave, max_abs};
+    use burn::tensor::Device;
 
     #[test]
     fn linear_pull_back_equals_autodiff() {
