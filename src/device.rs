@@ -149,6 +149,35 @@ pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
     }
 }
 
+/// The largest single allocation a native GPU has served since it opened, in bytes, over
+/// every pool: the weights' buffers, the activations' shared pages or the browser layout's
+/// one buffer per allocation. WebGPU's storage-binding limit applies to this size. `None`
+/// for the CPU.
+#[cfg(not(target_family = "wasm"))]
+pub fn largest_allocation(device: &Device) -> Option<u64> {
+    let device = device.clone().without_autodiff();
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
+            let report = cube
+                .client()
+                .memory_report(burn::cubecl::MemoryScope::Device);
+            report
+                .streams
+                .iter()
+                .flat_map(|s| {
+                    let pools = &s.pools;
+                    pools
+                        .dynamic
+                        .iter()
+                        .chain([&pools.persistent, &pools.dedicated])
+                })
+                .map(|p| p.largest_alloc)
+                .max()
+        }
+        _ => None,
+    }
+}
+
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
 pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     if want_f16 && device.supports_dtype(DType::F16) {
@@ -192,6 +221,24 @@ pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec
 #[cfg(all(test, not(target_family = "wasm")))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_allocation_counts_the_weights_buffers() {
+        assert_eq!(largest_allocation(&Device::flex()), None);
+        let Some(device) = test_gpu() else {
+            return;
+        };
+        // Larger than anything the other tests of this process allocate (im2col bands stop at
+        // 64 MiB), so only the persistent pool, where weights live, can have served it.
+        let bytes = 200usize << 20;
+        let weight = persistent(&device, (), |()| {
+            burn::tensor::Tensor::<1>::zeros([bytes / 4], &device)
+        });
+        // Reading it back makes sure it was made, whatever burn queued lazily.
+        assert_eq!(weight.into_data().num_elements(), bytes / 4);
+        let largest = largest_allocation(&device).expect("a GPU reports its pools");
+        assert!(largest >= bytes as u64, "{largest} < {bytes}");
+    }
 
     #[test]
     fn the_kernel_language_names_the_build_and_its_matrix_shapes() {

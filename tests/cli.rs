@@ -368,6 +368,7 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
     if dragonedit::device::test_gpu().is_none() {
         return;
     }
+    let mut largest = Vec::new();
     for pools in ["shared", "exclusive"] {
         let out = dragonedit()
             .args(["bench", "--tiny", "--resolution", "64", "--steps", "2"])
@@ -429,7 +430,17 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
             peak > reserved_in("pool after:"),
             "{pools}: {row}\n{stderr}"
         );
+        largest.push(
+            row.split('|')
+                .nth(5)
+                .and_then(|c| c.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{pools}: no largest buffer in {row}")),
+        );
     }
+    // The same edit asks for the same allocations whichever way the pool lays them out, and
+    // every pool is read (the browser's layout has no shared pages to report).
+    assert_eq!(largest[0], largest[1], "shared, exclusive");
+    assert!(largest[0] > 0.0, "{largest:?}");
 }
 
 /// `--no-peak` leaves out the untimed run that reads the pool, for runs that compare times

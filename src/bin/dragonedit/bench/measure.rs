@@ -88,11 +88,10 @@ pub(super) fn pool_line(device: &Device) -> Option<String> {
     ))
 }
 
-/// The largest allocation the shared pages ever served; `None` where the device has none (the
-/// CPU) or its report lists no sliced pools (the browser's layout, `--pools exclusive`).
+/// The largest single allocation since the device opened, in every pool (weights, shared
+/// pages, the browser layout's buffers); `None` on the CPU.
 pub(super) fn largest_buffer(device: &Device) -> Option<f64> {
-    let report = device.memory_pool_report()?;
-    report.iter().map(|p| mib(p.largest_alloc)).reduce(f64::max)
+    device::largest_allocation(device).map(mib)
 }
 
 /// Runs `f` to warm up (kernel compilation, autotune), then `runs` times, syncing the device

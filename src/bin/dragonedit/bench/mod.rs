@@ -2,8 +2,8 @@
 //! prints a table: median and fastest wall time over several runs after a warm-up; the most
 //! the device pool reserved (weights included) during one more, untimed run, read every few
 //! milliseconds after free pages went back to the driver, so that a row does not carry what
-//! the rows and runs before it left; the largest single buffer (burn's pool report, since the
-//! program started, only the pages the activations share); and the row's own peak heap above
+//! the rows and runs before it left; the largest single allocation since the program
+//! started, in every pool (the weights' buffers included); and the row's own peak heap above
 //! what was held before it (on `--cpu` that is the tensors' memory).
 
 mod edit_rows;
