@@ -437,10 +437,13 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
                 .unwrap_or_else(|| panic!("{pools}: no largest buffer in {row}")),
         );
     }
-    // The same edit asks for the same allocations whichever way the pool lays them out, and
-    // every pool is read (the browser's layout has no shared pages to report).
-    assert_eq!(largest[0], largest[1], "shared, exclusive");
-    assert!(largest[0] > 0.0, "{largest:?}");
+    // Every pool is read, so the browser's layout, which has no shared pages to report,
+    // gives a size too (the weights' buffers alone hold several MiB). The same edit asks for
+    // the same allocations in both layouts; only the first process autotunes, whose
+    // candidates may ask for more.
+    let [shared, exclusive] = [largest[0], largest[1]];
+    assert!(exclusive >= 1.0, "{largest:?}");
+    assert!(shared >= exclusive, "{largest:?}");
 }
 
 /// `--no-peak` leaves out the untimed run that reads the pool, for runs that compare times
