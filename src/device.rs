@@ -126,24 +126,30 @@ pub struct KernelLanguage {
 /// [`KernelLanguage`] of a native wgpu device; `None` for the CPU and the browser.
 #[cfg(not(target_family = "wasm"))]
 pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
+    let client = wgpu_client(device)?;
+    let shapes = &client.properties().features.matmul.cmma;
+    Some(KernelLanguage {
+        runtime: client.name(),
+        matrix_cores: !shapes.is_empty(),
+        matrix_shapes: shapes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{:?} x {:?} -> {:?}, {}x{}x{}",
+                    c.a_type, c.b_type, c.cd_type, c.m, c.n, c.k
+                )
+            })
+            .collect(),
+    })
+}
+
+/// cubecl's client of a native wgpu device; `None` for the CPU.
+#[cfg(not(target_family = "wasm"))]
+fn wgpu_client(device: &Device) -> Option<burn::cubecl::client::Client> {
     let device = device.clone().without_autodiff();
     match device.as_dispatch() {
         burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
-            let client = cube.client();
-            let shapes = &client.properties().features.matmul.cmma;
-            Some(KernelLanguage {
-                runtime: client.name(),
-                matrix_cores: !shapes.is_empty(),
-                matrix_shapes: shapes
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{:?} x {:?} -> {:?}, {}x{}x{}",
-                            c.a_type, c.b_type, c.cd_type, c.m, c.n, c.k
-                        )
-                    })
-                    .collect(),
-            })
+            Some(cube.client())
         }
         _ => None,
     }
@@ -156,21 +162,13 @@ pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
 /// buffer there on a machine's first run. `None` for the CPU.
 #[cfg(not(target_family = "wasm"))]
 pub fn largest_allocation(device: &Device) -> Option<u64> {
-    let device = device.clone().without_autodiff();
-    match device.as_dispatch() {
-        burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
-            let report = cube
-                .client()
-                .memory_report(burn::cubecl::MemoryScope::Device);
-            report
-                .streams
-                .iter()
-                .flat_map(|s| s.pools.dynamic.iter().chain([&s.pools.persistent]))
-                .map(|p| p.largest_alloc)
-                .max()
-        }
-        _ => None,
-    }
+    wgpu_client(device)?
+        .memory_report(burn::cubecl::MemoryScope::Device)
+        .streams
+        .iter()
+        .flat_map(|s| s.pools.dynamic.iter().chain([&s.pools.persistent]))
+        .map(|p| p.largest_alloc)
+        .max()
 }
 
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.

@@ -54,6 +54,6 @@ pub(crate) fn layer_wave<const D: usize>(
 
 /// The largest magnitude in `t`.
 #[cfg(test)]
-pub(crate) fn max_abs(t: burn::tensor::Tensor<4>) -> f32 {
+pub(crate) fn max_abs<const D: usize>(t: burn::tensor::Tensor<D>) -> f32 {
     t.abs().max().into_scalar::<f32>()
 }

@@ -97,7 +97,7 @@ pub fn matmul_in_parts(a: Tensor<3>, b: Tensor<3>, parts: usize) -> Tensor<3> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::wave;
+    use crate::model::{max_abs, wave};
     use burn::tensor::{DType, Device};
 
     #[test]
@@ -114,10 +114,6 @@ mod tests {
         assert_eq!(split.parts(1000, 320), 1);
         assert_eq!(split.parts(1000, 1025), 1);
         assert_eq!(ProductSplit::below(0).parts(10, 1 << 14), 1);
-    }
-
-    fn max_abs(t: Tensor<3>) -> f32 {
-        t.abs().max().into_scalar::<f32>()
     }
 
     /// The split product against burn's own on `device`, both in f32 and in f16, against the
