@@ -306,28 +306,38 @@ fn bench_times_products_whole_and_split() {
         "op: product,batch 1",
         "--split-outputs",
         "1000000",
+        "--products",
+        "browser",
         "--skip-edits",
     ]);
     assert!(
-        stdout.contains("products: split below 1000000 outputs"),
+        stdout.contains(
+            "products: split below 1000000 outputs, the browser's fixed kernel, 1 warm-ups"
+        ),
         "{stdout}"
     );
-    // 4 resolutions (8x8 to 1x1 at 64 px) x 2 products x whole and 2, 4, 8 parts, then the
-    // batch-1 pass with the threshold and with every product whole.
-    assert_eq!(rows.len(), 34, "{stdout}");
+    // 4 resolutions (8x8 to 1x1 at 64 px) x 2 products x whole (tuned, then the browser's
+    // kernel) and 2, 4, 8 parts, then the batch-1 pass with the threshold and with every
+    // product whole.
+    assert_eq!(rows.len(), 42, "{stdout}");
     assert!(
-        rows[0]
-            .contains("op: product 320x2880 by 2880x64, batch 2 (conv3x3 320->320 at 8x8), whole"),
+        rows[0].contains(
+            "op: product 320x2880 by 2880x64, batch 2 (conv3x3 320->320 at 8x8), whole |"
+        ),
         "{stdout}"
     );
     assert!(
-        rows[7].contains("(feed-forward out 1280->320 at 8x8), 8 parts"),
+        rows[1].contains("(conv3x3 320->320 at 8x8), whole by the browser's kernel |"),
         "{stdout}"
     );
-    assert!(rows[31].contains("at 1x1), 8 parts"), "{stdout}");
-    assert!(rows[32].contains("UNet forward, batch 1") && !rows[32].contains("whole"));
     assert!(
-        rows[33].contains("batch 1, 8x8 latent, products whole"),
+        rows[9].contains("(feed-forward out 1280->320 at 8x8), 8 parts"),
+        "{stdout}"
+    );
+    assert!(rows[39].contains("at 1x1), 8 parts"), "{stdout}");
+    assert!(rows[40].contains("UNet forward, batch 1") && !rows[40].contains("whole"));
+    assert!(
+        rows[41].contains("batch 1, 8x8 latent, products whole"),
         "{stdout}"
     );
 }

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod conv_choice;
+pub mod fixed_product;
 pub mod flash_attention;
 pub mod folder;
 pub mod nn;

@@ -12,9 +12,14 @@
 //! each product, so the bench can time a pass both ways in one process: what it gains depends
 //! on the device and on burn's autotune, and it has not yet been measured on a GPU
 //! (docs/BENCHMARKS.md, the changes table).
+//!
+//! Which kernel computes each product is a setting of its own ([`ProductKernel`]): natively
+//! burn's autotuned choice, or the one fixed kernel the browser runs ([`fixed_matmul`]).
 
 use burn::tensor::Tensor;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::fixed_product::fixed_matmul;
 
 /// The most parts a product is cut into.
 pub const MAX_PARTS: usize = 8;
@@ -24,6 +29,44 @@ pub const MAX_PARTS: usize = 8;
 const MIN_PART_LEN: usize = 256;
 
 static SPLIT_OUTPUTS: AtomicUsize = AtomicUsize::new(0);
+
+static BROWSER_KERNEL: AtomicBool = AtomicBool::new(false);
+
+/// Which kernel computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProductKernel {
+    /// burn's matmul as the build has it: natively autotune's pick for the shape and device,
+    /// in the browser its one fixed strategy.
+    #[default]
+    Tuned,
+    /// The browser's fixed strategy in every build ([`fixed_matmul`]), so that a native run
+    /// times the products a tab would run.
+    Browser,
+}
+
+impl ProductKernel {
+    /// The process's setting ([`set_product_kernel`]) as it is now.
+    pub fn current() -> Self {
+        if BROWSER_KERNEL.load(Ordering::Relaxed) {
+            Self::Browser
+        } else {
+            Self::Tuned
+        }
+    }
+
+    /// `a x b` (batches broadcast as in burn's `matmul`) by this kernel.
+    pub fn matmul<const D: usize>(self, a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Tuned => a.matmul(b),
+            Self::Browser => fixed_matmul(a, b),
+        }
+    }
+}
+
+/// Every product from now on runs `kernel`.
+pub fn set_product_kernel(kernel: ProductKernel) {
+    BROWSER_KERNEL.store(kernel == ProductKernel::Browser, Ordering::Relaxed);
+}
 
 /// Products with fewer than `outputs` output elements (over the batch) are split from now on;
 /// 0 splits none.
@@ -77,10 +120,11 @@ impl ProductSplit {
 
 /// `a x b` as the sum of `parts` products over consecutive stretches of the shared axis (which
 /// `parts` must divide): one batched product of `[B, parts, m, n]` partial outputs, then their
-/// sum. One part is the plain product.
+/// sum. One part is the plain product. The products run [`ProductKernel::current`].
 pub fn matmul_in_parts(a: Tensor<3>, b: Tensor<3>, parts: usize) -> Tensor<3> {
+    let kernel = ProductKernel::current();
     if parts <= 1 {
-        return a.matmul(b);
+        return kernel.matmul(a, b);
     }
     let [ba, m, k] = a.dims();
     let [bb, _, n] = b.dims();
@@ -90,7 +134,7 @@ pub fn matmul_in_parts(a: Tensor<3>, b: Tensor<3>, parts: usize) -> Tensor<3> {
     // contiguous; b's parts are consecutive rows, so its reshape is free.
     let a = a.reshape([ba, m, parts, part]).swap_dims(1, 2);
     let b = b.reshape([bb, parts, part, n]);
-    let partial = a.matmul(b);
+    let partial = kernel.matmul(a, b);
     partial.sum_dim(1).reshape([ba.max(bb), m, n])
 }
 

@@ -20,7 +20,7 @@ use dragonedit::model::attention::{
     AttentionStrategy, UnetAttention, set_attention_strategy, unet_attention, uses_fused,
 };
 use dragonedit::model::conv::ConvStrategy;
-use dragonedit::model::products::set_split_outputs;
+use dragonedit::model::products::{ProductKernel, set_product_kernel, set_split_outputs};
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
 use dragonedit::{StableDiffusion, device};
@@ -75,6 +75,12 @@ pub struct BenchArgs {
     /// number of parts regardless, and with a threshold the UNet passes run once more whole.
     #[arg(long, default_value_t = 0)]
     pub split_outputs: usize,
+    /// Which kernel computes the matrix products (the convolutions' and the linear layers'):
+    /// tuned (burn's autotuned choice, the native default) or browser (the one fixed kernel
+    /// burn runs in a browser, which has no autotune). With --attention kernel, browser times
+    /// the browser's own arithmetic on this device.
+    #[arg(long, value_enum, default_value_t = ProductsArg::Tuned)]
+    pub products: ProductsArg,
     /// Square image size in pixels (a multiple of 64).
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
@@ -117,6 +123,21 @@ impl From<PoolsArg> for device::PoolLayout {
         match p {
             PoolsArg::Shared => Self::Shared,
             PoolsArg::Exclusive => Self::Exclusive,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProductsArg {
+    Tuned,
+    Browser,
+}
+
+impl From<ProductsArg> for ProductKernel {
+    fn from(p: ProductsArg) -> Self {
+        match p {
+            ProductsArg::Tuned => ProductKernel::Tuned,
+            ProductsArg::Browser => ProductKernel::Browser,
         }
     }
 }
@@ -195,6 +216,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     dragonedit::model::conv::set_conv_strategy(args.conv.into());
     set_attention_strategy(args.attention.into());
     set_split_outputs(args.split_outputs);
+    set_product_kernel(args.products.into());
     let device = open_device_with_pools(args.cpu, args.pools.into())?;
     let mut bar = Bar::new();
     let (sd, model_name) = load_model(args, &device, &mut bar)?;
@@ -226,7 +248,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let z = sd.noise(1, (lh, lw));
     println!(
         "dragonedit bench: {} on {}, {:?}, model: {model_name}, convolutions: {}, attention: {}, \
-         products: {}, {} warm-ups + {} runs ({} + {} per whole edit, guidance gradient: {:?})",
+         products: {}, {}, {} warm-ups + {} runs ({} + {} per whole edit, guidance gradient: \
+         {:?})",
         match (args.cpu, args.pools) {
             (true, _) => "CPU (flex)",
             (false, PoolsArg::Shared) => "GPU (wgpu)",
@@ -250,6 +273,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         match args.split_outputs {
             0 => "whole".to_string(),
             n => format!("split below {n} outputs"),
+        },
+        match args.products {
+            ProductsArg::Tuned => "burn's tuned kernels",
+            ProductsArg::Browser => "the browser's fixed kernel",
         },
         plan.warmups,
         plan.runs,

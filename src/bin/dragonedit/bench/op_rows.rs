@@ -89,10 +89,10 @@ pub(super) fn op_rows(
     Ok(rows)
 }
 
-/// The UNet's matrix products at each of its four resolutions, whole and cut into 2, 4 and 8
-/// parts along their shared axis (split-K): a 3x3 convolution's im2col product (`[1, out, 9 ·
+/// The UNet's matrix products at each of its four resolutions, whole (by the tuned kernels and
+/// by the browser's fixed one) and cut into 2, 4 and 8 parts along their shared axis (split-K): a 3x3 convolution's im2col product (`[1, out, 9 ·
 /// in] x [2, 9 · in, h · w]`) and the feed-forward's second linear layer (`[2, h · w, 4 · c] x
-/// [1, 4 · c, c]`), batch 2: what `--split-outputs` should be on this device. 32 rows, so they
+/// [1, 4 · c, c]`), batch 2: what `--split-outputs` should be on this device. 40 rows, so they
 /// run only when `--only` names them.
 pub(super) fn product_rows(
     plan: Plan,
@@ -102,7 +102,7 @@ pub(super) fn product_rows(
     read: impl Fn(Tensor<4>) -> Result<()>,
 ) -> Result<Vec<Row>> {
     use burn::tensor::Distribution;
-    use dragonedit::model::products::matmul_in_parts;
+    use dragonedit::model::products::{ProductKernel, matmul_in_parts};
 
     if plan.only.is_none() {
         return Ok(Vec::new());
@@ -134,11 +134,14 @@ pub(super) fn product_rows(
             let cols_b = b_shape[2];
             // Batch 2, a multiply-add two operations.
             let flops = 4.0 * (rows_a * inner * cols_b) as f64;
-            for parts in [1, 2, 4, 8] {
+            // The whole product by the tuned kernels and by the browser's fixed one (0 parts
+            // here), whatever `--products` says; the parts by the kernel it names.
+            for parts in [1, 0, 2, 4, 8] {
                 // No commas: `--only` splits on them.
                 let name = format!(
                     "op: product {rows_a}x{inner} by {inner}x{cols_b}, batch 2 ({what}), {}",
                     match parts {
+                        0 => "whole by the browser's kernel".to_string(),
                         1 => "whole".to_string(),
                         p => format!("{p} parts"),
                     }
@@ -148,7 +151,12 @@ pub(super) fn product_rows(
                 }
                 let (a, b) = (random(a_shape), random(b_shape));
                 let row = measure(&name, plan, device, || {
-                    read(matmul_in_parts(a.clone(), b.clone(), parts).unsqueeze())
+                    let product = match parts {
+                        0 => ProductKernel::Browser.matmul(a.clone(), b.clone()),
+                        1 => ProductKernel::Tuned.matmul(a.clone(), b.clone()),
+                        _ => matmul_in_parts(a.clone(), b.clone(), parts),
+                    };
+                    read(product.unsqueeze())
                 })?;
                 if let Some(r) = &row {
                     eprintln!(
