@@ -4,11 +4,11 @@
 
 use burn::tensor::Tensor;
 use image::{RgbImage, imageops::FilterType};
-use sha2::{Digest, Sha256};
 
 use super::bank::{BankEntry, BankInjection, BankPolicy, SharedPassInjection, TokenMasks};
 use super::guidance::{self, GradientMemory, Guidance, ReferenceFeatures};
 use super::initial::{initial_latent, place};
+use super::inversion_cache::{Inversion, InversionCache, Kept, Source, inversion_key};
 use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
 use super::spec::Edit;
@@ -68,155 +68,6 @@ pub struct EditOutput {
     /// The edited photo at the working resolution.
     pub image: RgbImage,
     pub final_latent: Tensor<4>,
-}
-
-/// The inversion of one photo (and reference image): what a second edit of the same inputs
-/// can reuse.
-#[derive(Clone)]
-pub struct Inversion {
-    /// `steps + 1` latents `[B, 4, h, w]`.
-    pub latents: Vec<Tensor<4>>,
-    /// Inversion text context `[B, 77, C]`.
-    pub context: Tensor<3>,
-    /// Stored bank entries by editing step, when the policy stores them.
-    pub bank: Option<Vec<Option<BankEntry>>>,
-}
-
-/// The last inversion and a digest of everything it depends on, so that a second edit of the
-/// same photo with the same prompts and settings skips its inversion passes (in the reference
-/// timings, 2.0 s of an 8.9 s edit), and the guided steps' reference features, which depend
-/// on nothing else either (ALGORITHM.md §11: one truncated UNet pass per guided step). The
-/// owner keeps one per loaded model and clears it when the model changes.
-#[derive(Default)]
-pub struct InversionCache {
-    entry: Option<Kept>,
-    hits: usize,
-    feature_hits: usize,
-    /// The most device bytes of reference features kept (none: no limit). Guided steps past
-    /// it compute their features again in a later edit: the browser keeps to a budget, and
-    /// an edit that no other edit follows keeps none.
-    feature_budget: Option<usize>,
-}
-
-/// An inversion as one edit samples from it, with the reference features the edits of it
-/// share.
-struct Source<'a> {
-    inversion: &'a Inversion,
-    features: &'a mut Vec<Option<ReferenceFeatures>>,
-    /// Bytes of features computed now that may still be kept for a later edit.
-    budget: usize,
-    hits: &'a mut usize,
-}
-
-impl Source<'_> {
-    /// Editing step `step`'s reference features: an earlier edit's, or `compute`'s (kept).
-    fn reference_features(
-        &mut self,
-        step: usize,
-        compute: impl FnOnce() -> ReferenceFeatures,
-    ) -> ReferenceFeatures {
-        if let Some(Some(kept)) = self.features.get(step) {
-            *self.hits += 1;
-            return kept.clone();
-        }
-        let computed = compute();
-        let bytes = computed.bytes();
-        if bytes <= self.budget {
-            self.budget -= bytes;
-            if self.features.len() <= step {
-                self.features.resize(step + 1, None);
-            }
-            self.features[step] = Some(computed.clone());
-        }
-        computed
-    }
-}
-
-/// What one inversion's edits share.
-struct Kept {
-    key: [u8; 32],
-    inversion: Inversion,
-    /// The reference features of each editing step that computed them.
-    features: Vec<Option<ReferenceFeatures>>,
-}
-
-impl InversionCache {
-    /// A cache that keeps at most `bytes` of reference features (a 512 px guided step's are
-    /// 7.9 MB in f16, twice that where the edit has a reference image).
-    pub fn with_feature_budget(bytes: usize) -> Self {
-        Self {
-            feature_budget: Some(bytes),
-            ..Self::default()
-        }
-    }
-
-    /// Forgets the kept inversion and features (and the device memory they hold).
-    pub fn clear(&mut self) {
-        self.entry = None;
-    }
-
-    /// How many edits reused the kept inversion.
-    pub fn hits(&self) -> usize {
-        self.hits
-    }
-
-    /// How many guided steps took their reference features from an earlier edit.
-    pub fn feature_hits(&self) -> usize {
-        self.feature_hits
-    }
-
-    /// Device bytes of the kept reference features.
-    pub fn feature_bytes(&self) -> usize {
-        self.entry.as_ref().map_or(0, Kept::feature_bytes)
-    }
-}
-
-impl Kept {
-    fn feature_bytes(&self) -> usize {
-        self.features
-            .iter()
-            .flatten()
-            .map(ReferenceFeatures::bytes)
-            .sum()
-    }
-}
-
-/// What an inversion depends on: the input images (before resizing), the working size, the
-/// reference image's scale, the inversion prompts, the step count, and which bank entries are
-/// recorded. The model is the cache owner's business.
-fn inversion_key(edit: &Edit, plan: &EditPlan, bank: BankPolicy) -> [u8; 32] {
-    let mut h = Sha256::new();
-    let mut image = |img: &RgbImage| {
-        h.update(img.width().to_le_bytes());
-        h.update(img.height().to_le_bytes());
-        h.update(img.as_raw());
-    };
-    image(&edit.image);
-    if plan.inversion_batch() == 2
-        && let Some(reference) = &edit.reference
-    {
-        image(reference);
-    }
-    let (wh, ww) = plan.spaces.working;
-    for n in [wh, ww, plan.steps] {
-        h.update((n as u64).to_le_bytes());
-    }
-    h.update(plan.reference_scale.to_le_bytes());
-    let prompts: &[&str] = if plan.inversion_batch() == 2 {
-        &[&edit.prompt, &edit.reference_prompt]
-    } else {
-        &[&edit.prompt]
-    };
-    for p in prompts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
-    }
-    h.update([u8::from(bank == BankPolicy::Store)]);
-    if bank == BankPolicy::Store {
-        let wanted: Vec<u8> = (0..plan.steps).map(|i| u8::from(plan.injects(i))).collect();
-        h.update(wanted);
-    }
-    h.finalize().into()
 }
 
 /// Records the decoder self-attention K/V of the inversion passes whose editing step the
@@ -411,33 +262,15 @@ impl<'a> Editor<'a> {
     ) -> Result<EditOutput> {
         let plan = self.plan(edit)?;
         let key = inversion_key(edit, &plan, self.options.bank);
-        let kept = match cache.entry.take() {
-            Some(kept) if kept.key == key => {
-                cache.hits += 1;
+        let kept = match cache.take_matching(&key) {
+            Some(kept) => {
                 report(progress, Phase::Inverting, plan.steps, plan.steps)?;
                 kept
             }
-            _ => Kept {
-                key,
-                inversion: self.invert(edit, &plan, progress).await?,
-                features: Vec::new(),
-            },
+            None => Kept::new(key, self.invert(edit, &plan, progress).await?),
         };
-        let budget = cache
-            .feature_budget
-            .map_or(usize::MAX, |b| b.saturating_sub(kept.feature_bytes()));
-        let Kept {
-            inversion,
-            features,
-            ..
-        } = cache.entry.insert(kept);
-        let inversion = &*inversion;
-        let mut source = Source {
-            inversion,
-            features,
-            budget,
-            hits: &mut cache.feature_hits,
-        };
+        let mut source = cache.keep(kept);
+        let inversion = source.inversion;
         let context = self.sd.encode_prompts(&["", &edit.prompt])?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.inversion_latents = inversion.latents.clone();

@@ -8,14 +8,14 @@ pub mod energy;
 pub mod engine;
 pub mod guidance;
 pub mod initial;
+pub mod inversion_cache;
 pub mod mask;
 pub mod plan;
 pub mod spec;
 
 pub use bank::BankPolicy;
-pub use engine::{
-    EditOutput, Editor, EngineOptions, Inversion, InversionCache, Preview, StepBank, Trace,
-};
+pub use engine::{EditOutput, Editor, EngineOptions, Preview, StepBank, Trace};
 pub use guidance::GradientMemory;
+pub use inversion_cache::{Inversion, InversionCache};
 pub use plan::{EditPlan, Fidelity};
 pub use spec::{Edit, EditSpec, ModeKind};

@@ -324,6 +324,7 @@ fn causal_mask(q0: usize, qn: usize, nk: usize, like: &Tensor<3>) -> Tensor<3, B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{layer_wave, max_abs};
 
     const MIB: usize = 1 << 20;
 
@@ -343,19 +344,12 @@ mod tests {
         assert_eq!((c.heads_per_chunk, c.queries_per_chunk), (16, 4096));
     }
 
-    /// Smooth values that differ per element and per seed.
-    fn wave(shape: [usize; 4], seed: f32, device: &burn::tensor::Device) -> Tensor<4> {
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-        Tensor::from_data(burn::tensor::TensorData::new(vals, shape), device)
-    }
-
     /// 2 x 3 heads, 10 queries and 7 keys, with value width 5 unlike the key width 4.
     fn qkv(device: &burn::tensor::Device) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         (
-            wave([2, 3, 10, 4], 0.1, device),
-            wave([2, 3, 7, 4], 1.3, device),
-            wave([2, 3, 7, 5], 2.7, device),
+            layer_wave([2, 3, 10, 4], 0.1, device),
+            layer_wave([2, 3, 7, 4], 1.3, device),
+            layer_wave([2, 3, 7, 5], 2.7, device),
         )
     }
 
@@ -364,9 +358,9 @@ mod tests {
         let device = burn::tensor::Device::flex();
         let shape = [2, 3, 10, 4];
         let (q, k, v) = (
-            wave(shape, 0.1, &device),
-            wave(shape, 1.3, &device),
-            wave(shape, 2.7, &device),
+            layer_wave(shape, 0.1, &device),
+            layer_wave(shape, 1.3, &device),
+            layer_wave(shape, 2.7, &device),
         );
         for causal in [false, true] {
             let whole = AttentionPlan {
@@ -378,7 +372,7 @@ mod tests {
                 max_score_bytes: 3 * 10 * 4,
             }
             .attend(q.clone(), k.clone(), v.clone(), causal);
-            let diff = (whole - tiny).abs().max().into_scalar::<f32>();
+            let diff = max_abs(whole - tiny);
             assert!(diff < 1e-6, "causal={causal} diff={diff}");
         }
     }
@@ -392,7 +386,7 @@ mod tests {
         // All heads in one call, then one head per call.
         for budget in [usize::MAX, 1] {
             let fused = fused_in_groups(q.clone(), k.clone(), v.clone(), budget);
-            let diff = (fused - chunked.clone()).abs().max().into_scalar::<f32>();
+            let diff = max_abs(fused - chunked.clone());
             assert!(diff < 1e-5, "budget {budget}: {diff}");
         }
     }
@@ -403,7 +397,7 @@ mod tests {
         // for a chunking that splits both heads and query rows.
         let device = burn::tensor::Device::flex();
         let (q, k, v) = qkv(&device);
-        let g = wave([2, 3, 10, 5], 4.1, &device);
+        let g = layer_wave([2, 3, 10, 5], 4.1, &device);
         let whole = AttentionPlan {
             max_score_bytes: usize::MAX,
         };
@@ -429,8 +423,8 @@ mod tests {
             ("k", gk, &expected[1]),
             ("v", gv, &expected[2]),
         ] {
-            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
-            let size = want.clone().abs().max().into_scalar::<f32>();
+            let err = max_abs(got - want.clone());
+            let size = max_abs(want.clone());
             // f32 sums of at most 10 terms reordered: a few ulps of the largest entry.
             assert!(err <= 1e-5 * size, "d{name}: max error {err} of {size}");
         }
@@ -444,8 +438,8 @@ mod tests {
         for (name, got, one) in [("q", wq, gq), ("k", wk, gk), ("v", wv, gv)] {
             let want = Tensor::cat(vec![one.clone(), one * 0.5], 0);
             assert_eq!(got.dims(), want.dims(), "d{name}");
-            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
-            let size = want.abs().max().into_scalar::<f32>();
+            let err = max_abs(got - want.clone());
+            let size = max_abs(want);
             assert!(
                 err <= 1e-6 * size,
                 "d{name} of two row groups: max error {err} of {size}"

@@ -2,6 +2,7 @@
 //! (the guidance only needs `up_blocks.1/2`, ALGORITHM.md §3) and hooks on the decoder
 //! self-attention K/V (the memory bank, §2.2).
 
+pub mod attention_layer;
 pub mod blocks;
 pub mod hooks;
 pub mod steps;
