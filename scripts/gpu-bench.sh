@@ -104,9 +104,10 @@ step() { # name, seconds, command...
 # parts along their shared axis, then the UNet passes with products under SPLIT_OUTPUTS
 # outputs split and all whole: whether split-K fills the card where burn's WGSL matmul
 # leaves it idle, and at which threshold), ours-f16-browser (the UNet's products whole by
-# autotune's kernels and by the browser's one fixed kernel, then the UNet passes and the lean
-# guidance with every product and attention as a tab runs them: what the browser's arithmetic
-# costs on this card, where no browser can run).
+# autotune's kernels, by the browser's one fixed kernel and by the other unit routines a tab
+# could choose, then the UNet passes and the lean guidance with every product and attention as
+# a tab runs them: what the browser's arithmetic costs on this card, where no browser can run,
+# and what a choice of routine would give back).
 STEPS="${STEPS:-ours-f16 torch-fp16 ours-f32 torch-fp32}"
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # Row lists that the WGSL steps and their spirv twins share.
@@ -137,7 +138,7 @@ SPLIT_OUTPUTS="${SPLIT_OUTPUTS:-2097152}"
   wanted ours-f16-edit-flash && step ours-f16-edit-flash 200 "$BIN" bench $PASS_ARGS --f16 $EDIT_ARGS --gradients flash --only "batch 2,whole edit: move"
   wanted ours-f16-profile && step ours-f16-profile 150 "$BIN" bench --f16 --no-peak --runs 1 --profile --skip-edits --only "$PROFILE_ROWS"
   wanted ours-f16-split && step ours-f16-split 150 "$BIN" bench --f16 --no-peak --runs 3 --split-outputs "$SPLIT_OUTPUTS" --skip-edits --only "op: product,batch 1,batch 2"
-  wanted ours-f16-browser && step ours-f16-browser 150 "$BIN" bench --f16 --no-peak --runs 3 --products browser --attention kernel --skip-edits --only "whole,batch 1,batch 2 (CFG),lean ("
+  wanted ours-f16-browser && step ours-f16-browser 180 "$BIN" bench --f16 --no-peak --runs 3 --products browser --attention kernel --skip-edits --only "whole,batch 1,batch 2 (CFG),lean ("
   for tasks in 32 128 512; do
     wanted ours-f16-tasks && CUBECL_WGPU_MAX_TASKS=$tasks step "ours-f16-tasks-$tasks" 60 "$BIN" bench --f16 --no-peak --runs 5 --skip-edits --only "batch 1,batch 2,lean"
   done

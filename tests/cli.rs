@@ -316,10 +316,10 @@ fn bench_times_products_whole_and_split() {
         ),
         "{stdout}"
     );
-    // 4 resolutions (8x8 to 1x1 at 64 px) x 2 products x whole (tuned, then the browser's
-    // kernel) and 2, 4, 8 parts, then the batch-1 pass with the threshold and with every
-    // product whole.
-    assert_eq!(rows.len(), 42, "{stdout}");
+    // 4 resolutions (8x8 to 1x1 at 64 px) x 2 products x whole (tuned, the browser's kernel,
+    // the three other unit routines) and 2, 4, 8 parts, then the batch-1 pass with the
+    // threshold and with every product whole.
+    assert_eq!(rows.len(), 66, "{stdout}");
     assert!(
         rows[0].contains(
             "op: product 320x2880 by 2880x64, batch 2 (conv3x3 320->320 at 8x8), whole |"
@@ -331,13 +331,20 @@ fn bench_times_products_whole_and_split() {
         "{stdout}"
     );
     assert!(
-        rows[9].contains("(feed-forward out 1280->320 at 8x8), 8 parts"),
+        rows[4].contains(
+            "(conv3x3 320->320 at 8x8), whole by the double-buffered unit routine with the \
+             smallest tiles |"
+        ),
         "{stdout}"
     );
-    assert!(rows[39].contains("at 1x1), 8 parts"), "{stdout}");
-    assert!(rows[40].contains("UNet forward, batch 1") && !rows[40].contains("whole"));
     assert!(
-        rows[41].contains("batch 1, 8x8 latent, products whole"),
+        rows[15].contains("(feed-forward out 1280->320 at 8x8), 8 parts"),
+        "{stdout}"
+    );
+    assert!(rows[63].contains("at 1x1), 8 parts"), "{stdout}");
+    assert!(rows[64].contains("UNet forward, batch 1") && !rows[64].contains("whole"));
+    assert!(
+        rows[65].contains("batch 1, 8x8 latent, products whole"),
         "{stdout}"
     );
 }

@@ -14,12 +14,13 @@
 //! (docs/BENCHMARKS.md, the changes table).
 //!
 //! Which kernel computes each product is a setting of its own ([`ProductKernel`]): natively
-//! burn's autotuned choice, or the one fixed kernel the browser runs ([`fixed_matmul`]).
+//! burn's autotuned choice, the one fixed kernel the browser runs ([`fixed_matmul`]), or one of
+//! the unit routines a browser could run instead ([`unit_matmul`]).
 
 use burn::tensor::Tensor;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::fixed_product::fixed_matmul;
+use super::fixed_product::{UnitRoutine, fixed_matmul, unit_matmul};
 
 /// The most parts a product is cut into.
 pub const MAX_PARTS: usize = 8;
@@ -30,7 +31,8 @@ const MIN_PART_LEN: usize = 256;
 
 static SPLIT_OUTPUTS: AtomicUsize = AtomicUsize::new(0);
 
-static BROWSER_KERNEL: AtomicBool = AtomicBool::new(false);
+/// [`ProductKernel`] as a number: 0 tuned, 1 the browser's, 2 + i the unit routine i.
+static KERNEL: AtomicUsize = AtomicUsize::new(0);
 
 /// Which kernel computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,15 +44,17 @@ pub enum ProductKernel {
     /// The browser's fixed strategy in every build ([`fixed_matmul`]), so that a native run
     /// times the products a tab would run.
     Browser,
+    /// One of cubek's unit routines, all of which a browser could run ([`unit_matmul`]).
+    Unit(UnitRoutine),
 }
 
 impl ProductKernel {
     /// The process's setting ([`set_product_kernel`]) as it is now.
     pub fn current() -> Self {
-        if BROWSER_KERNEL.load(Ordering::Relaxed) {
-            Self::Browser
-        } else {
-            Self::Tuned
+        match KERNEL.load(Ordering::Relaxed) {
+            0 => Self::Tuned,
+            1 => Self::Browser,
+            n => Self::Unit(UnitRoutine::ALL[(n - 2).min(UnitRoutine::ALL.len() - 1)]),
         }
     }
 
@@ -59,13 +63,19 @@ impl ProductKernel {
         match self {
             Self::Tuned => a.matmul(b),
             Self::Browser => fixed_matmul(a, b),
+            Self::Unit(routine) => unit_matmul(a, b, routine),
         }
     }
 }
 
 /// Every product from now on runs `kernel`.
 pub fn set_product_kernel(kernel: ProductKernel) {
-    BROWSER_KERNEL.store(kernel == ProductKernel::Browser, Ordering::Relaxed);
+    let n = match kernel {
+        ProductKernel::Tuned => 0,
+        ProductKernel::Browser => 1,
+        ProductKernel::Unit(routine) => 2 + routine.index(),
+    };
+    KERNEL.store(n, Ordering::Relaxed);
 }
 
 /// Products with fewer than `outputs` output elements (over the batch) are split from now on;

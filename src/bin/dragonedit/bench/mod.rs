@@ -20,6 +20,7 @@ use dragonedit::model::attention::{
     AttentionStrategy, UnetAttention, set_attention_strategy, unet_attention, uses_fused,
 };
 use dragonedit::model::conv::ConvStrategy;
+use dragonedit::model::fixed_product::UnitRoutine;
 use dragonedit::model::products::{ProductKernel, set_product_kernel, set_split_outputs};
 use dragonedit::model::random::{RandomModel, RandomSource};
 use dragonedit::model::unet::NoHook;
@@ -76,9 +77,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub split_outputs: usize,
     /// Which kernel computes the matrix products (the convolutions' and the linear layers'):
-    /// tuned (burn's autotuned choice, the native default) or browser (the one fixed kernel
-    /// burn runs in a browser, which has no autotune). With --attention kernel, browser times
-    /// the browser's own arithmetic on this device.
+    /// tuned (burn's autotuned choice, the native default), browser (the one fixed kernel
+    /// burn runs in a browser, which has no autotune), or another of the unit routines a
+    /// browser could run (simple-smallest, double-largest, double-smallest: single or double
+    /// buffered, with the largest or smallest tiles; the browser's is simple-largest). With
+    /// --attention kernel, browser times the browser's own arithmetic on this device.
     #[arg(long, value_enum, default_value_t = ProductsArg::Tuned)]
     pub products: ProductsArg,
     /// Square image size in pixels (a multiple of 64).
@@ -131,6 +134,9 @@ impl From<PoolsArg> for device::PoolLayout {
 pub enum ProductsArg {
     Tuned,
     Browser,
+    SimpleSmallest,
+    DoubleLargest,
+    DoubleSmallest,
 }
 
 impl From<ProductsArg> for ProductKernel {
@@ -138,6 +144,9 @@ impl From<ProductsArg> for ProductKernel {
         match p {
             ProductsArg::Tuned => ProductKernel::Tuned,
             ProductsArg::Browser => ProductKernel::Browser,
+            ProductsArg::SimpleSmallest => ProductKernel::Unit(UnitRoutine::SimpleSmallest),
+            ProductsArg::DoubleLargest => ProductKernel::Unit(UnitRoutine::DoubleLargest),
+            ProductsArg::DoubleSmallest => ProductKernel::Unit(UnitRoutine::DoubleSmallest),
         }
     }
 }
@@ -274,9 +283,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             0 => "whole".to_string(),
             n => format!("split below {n} outputs"),
         },
-        match args.products {
-            ProductsArg::Tuned => "burn's tuned kernels",
-            ProductsArg::Browser => "the browser's fixed kernel",
+        match ProductKernel::from(args.products) {
+            ProductKernel::Tuned => "burn's tuned kernels",
+            ProductKernel::Browser => "the browser's fixed kernel",
+            ProductKernel::Unit(routine) => routine.name(),
         },
         plan.warmups,
         plan.runs,

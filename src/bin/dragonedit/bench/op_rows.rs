@@ -89,10 +89,11 @@ pub(super) fn op_rows(
     Ok(rows)
 }
 
-/// The UNet's matrix products at each of its four resolutions, whole (by the tuned kernels and
-/// by the browser's fixed one) and cut into 2, 4 and 8 parts along their shared axis (split-K): a 3x3 convolution's im2col product (`[1, out, 9 ·
+/// The UNet's matrix products at each of its four resolutions, whole (by the tuned kernels, by
+/// the browser's fixed one and by the other unit routines a browser could run) and cut into 2,
+/// 4 and 8 parts along their shared axis (split-K): a 3x3 convolution's im2col product (`[1, out, 9 ·
 /// in] x [2, 9 · in, h · w]`) and the feed-forward's second linear layer (`[2, h · w, 4 · c] x
-/// [1, 4 · c, c]`), batch 2: what `--split-outputs` should be on this device. 40 rows, so they
+/// [1, 4 · c, c]`), batch 2: what `--split-outputs` should be on this device. 64 rows, so they
 /// run only when `--only` names them.
 pub(super) fn product_rows(
     plan: Plan,
@@ -102,6 +103,7 @@ pub(super) fn product_rows(
     read: impl Fn(Tensor<4>) -> Result<()>,
 ) -> Result<Vec<Row>> {
     use burn::tensor::Distribution;
+    use dragonedit::model::fixed_product::{UnitRoutine, unit_refusals};
     use dragonedit::model::products::{ProductKernel, matmul_in_parts};
 
     if plan.only.is_none() {
@@ -134,34 +136,50 @@ pub(super) fn product_rows(
             let cols_b = b_shape[2];
             // Batch 2, a multiply-add two operations.
             let flops = 4.0 * (rows_a * inner * cols_b) as f64;
-            // The whole product by the tuned kernels and by the browser's fixed one (0 parts
-            // here), whatever `--products` says; the parts by the kernel it names.
-            for parts in [1, 0, 2, 4, 8] {
+            // The whole product by the tuned kernels, by the browser's fixed one and by the
+            // other unit routines a browser could run, whatever `--products` says; the parts
+            // by the kernel it names.
+            let whole = [ProductKernel::Tuned, ProductKernel::Browser]
+                .into_iter()
+                .chain(
+                    UnitRoutine::ALL
+                        .into_iter()
+                        .filter(|r| *r != UnitRoutine::SimpleLargest)
+                        .map(ProductKernel::Unit),
+                )
+                .map(|kernel| (kernel, 1));
+            let split = [2, 4, 8].map(|parts| (ProductKernel::current(), parts));
+            for (kernel, parts) in whole.chain(split) {
                 // No commas: `--only` splits on them.
                 let name = format!(
                     "op: product {rows_a}x{inner} by {inner}x{cols_b}, batch 2 ({what}), {}",
-                    match parts {
-                        0 => "whole by the browser's kernel".to_string(),
-                        1 => "whole".to_string(),
-                        p => format!("{p} parts"),
+                    match (parts, kernel) {
+                        (1, ProductKernel::Tuned) => "whole".to_string(),
+                        (1, ProductKernel::Browser) => "whole by the browser's kernel".to_string(),
+                        (1, ProductKernel::Unit(r)) => format!("whole by the {}", r.name()),
+                        (p, _) => format!("{p} parts"),
                     }
                 );
                 if !plan.selects(&name) {
                     continue;
                 }
                 let (a, b) = (random(a_shape), random(b_shape));
+                let refused = unit_refusals();
                 let row = measure(&name, plan, device, || {
                     let product = match parts {
-                        0 => ProductKernel::Browser.matmul(a.clone(), b.clone()),
-                        1 => ProductKernel::Tuned.matmul(a.clone(), b.clone()),
+                        1 => kernel.matmul(a.clone(), b.clone()),
                         _ => matmul_in_parts(a.clone(), b.clone(), parts),
                     };
                     read(product.unsqueeze())
                 })?;
                 if let Some(r) = &row {
                     eprintln!(
-                        "bench: {name}: {:.2} TFLOP/s",
-                        flops / (median(&r.times_ms) * 1e-3) / 1e12
+                        "bench: {name}: {:.2} TFLOP/s{}",
+                        flops / (median(&r.times_ms) * 1e-3) / 1e12,
+                        match unit_refusals() - refused {
+                            0 => String::new(),
+                            n => format!(" ({n} products refused by the routine: burn's ran)"),
+                        }
                     );
                 }
                 rows.extend(row);
