@@ -135,19 +135,14 @@ pub trait FixedProductOps: Backend {
 
     /// See [`unit_matmul`]; `routine` indexes [`UnitRoutine::ALL`]. The default is the
     /// backend's own product.
-    #[fusion(dtype = a, shape = routine_shape(a, b, routine))]
+    #[fusion(dtype = a, shape = product_shape(a, b))]
     fn unit_matmul(
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
-        routine: usize,
+        _routine: usize,
     ) -> FloatTensor<Self> {
-        let _ = routine;
         Self::float_matmul(a, b)
     }
-}
-
-fn routine_shape(a: &Shape, b: &Shape, _routine: &usize) -> Shape {
-    product_shape(a, b)
 }
 
 #[cfg(not(target_family = "wasm"))]
