@@ -171,6 +171,49 @@ pub fn largest_allocation(device: &Device) -> Option<u64> {
         .max()
 }
 
+/// One size bucket of the browser's pool layout ([`PoolLayout::Exclusive`]): every
+/// allocation up to `largest` bytes that no smaller bucket takes gets a buffer of its own here,
+/// kept for reuse when freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolBucket {
+    /// The largest allocation the bucket serves, in bytes.
+    pub largest: u64,
+    /// Buffers held now, and the most held at once since the device opened.
+    pub pages: u64,
+    pub pages_peak: u64,
+    /// Bytes the buffers hold, and the bytes live tensors use of them.
+    pub reserved: u64,
+    pub in_use: u64,
+}
+
+/// The buckets of a native GPU's pool in the browser's layout that ever held a buffer,
+/// smallest first; empty in the native layout, `None` for the CPU. In that layout a bucket
+/// keeps the most buffers it ever needed at once, so what the pool reserves is the sum of the
+/// buckets' peaks rather than the most that was live at once: this says which sizes hold it.
+#[cfg(not(target_family = "wasm"))]
+pub fn pool_buckets(device: &Device) -> Option<Vec<PoolBucket>> {
+    use burn::cubecl::MemoryPoolKind;
+    let report = wgpu_client(device)?.memory_report(burn::cubecl::MemoryScope::Device);
+    let mut buckets: Vec<PoolBucket> = report
+        .streams
+        .iter()
+        .flat_map(|s| s.pools.dynamic.iter())
+        .filter(|p| p.pages_peak > 0)
+        .filter_map(|p| match p.kind {
+            MemoryPoolKind::Exclusive { max_alloc_size } => Some(PoolBucket {
+                largest: max_alloc_size,
+                pages: p.pages,
+                pages_peak: p.pages_peak,
+                reserved: p.usage.bytes_reserved,
+                in_use: p.usage.bytes_in_use,
+            }),
+            _ => None,
+        })
+        .collect();
+    buckets.sort_by_key(|b| b.largest);
+    Some(buckets)
+}
+
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
 pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     if want_f16 && device.supports_dtype(DType::F16) {

@@ -380,6 +380,29 @@ fn bench_only_runs_the_rows_it_names() {
 /// only at the phase changes they equal the larger of the two). The table's peak for the
 /// edit covers every phase, so it is above what the pool kept after the edit, in both
 /// layouts (the browser's pool reports no peaks of its own).
+/// The sum of the MiB reserved by the size buckets a bench stderr line lists ("...; buckets (up
+/// to MiB: buffers now/at most, MiB reserved/in use): 0.03: 4/9 0.1/0.0, ...; ..."), and how
+/// many; `None` where it lists none.
+fn buckets(line: &str) -> Option<(f64, usize)> {
+    let list = line.split("MiB reserved/in use): ").nth(1)?;
+    let list = list.split(';').next().unwrap_or_default();
+    let held: Vec<f64> = list
+        .split(", ")
+        .map(|b| {
+            let reserved = b
+                .split_whitespace()
+                .nth(2)
+                .expect("a bucket: size: n/m r/u");
+            reserved
+                .split('/')
+                .next()
+                .and_then(|r| r.parse().ok())
+                .expect(b)
+        })
+        .collect();
+    Some((held.iter().sum(), held.len()))
+}
+
 #[test]
 fn bench_reads_the_pools_peak_while_each_phase_runs() {
     if dragonedit::device::test_gpu().is_none() {
@@ -429,6 +452,28 @@ fn bench_reads_the_pools_peak_while_each_phase_runs() {
             most_in_a_phase = most_in_a_phase.max(most);
             at_start = now;
             phases += 1;
+            // The browser's layout lists its size buckets; their buffers and the pool's
+            // persistent part (the weights, as before the edit) make up what is reserved, to
+            // the rounding of the numbers printed.
+            assert_eq!(
+                buckets(line).is_some(),
+                pools == "exclusive",
+                "{pools}: {line}"
+            );
+            if let Some(held) = buckets(line) {
+                let before = stderr
+                    .lines()
+                    .find(|l| l.contains("pool before:"))
+                    .expect("before");
+                let weights =
+                    mib_after(before, ", reserved ") - buckets(before).unwrap_or_default().0;
+                let slack = 1.0 + 0.05 * (held.1 + buckets(before).map_or(0, |b| b.1)) as f64;
+                let sum = held.0 + weights;
+                assert!(
+                    (sum - now).abs() <= slack,
+                    "{pools}: {sum} against {now}: {line}"
+                );
+            }
         }
         assert_eq!(phases, 5, "{pools}: {stderr}");
         // | name | median | fastest | peak reserved | largest buffer | heap |

@@ -82,10 +82,48 @@ pub(super) fn pool_line(device: &Device) -> Option<String> {
         format!("; pages: {}", pages.join(", "))
     };
     Some(format!(
-        "in use {:.0} MiB, reserved {:.0} MiB{pages}",
+        "in use {:.0} MiB, reserved {:.0} MiB{pages}{}",
         mib(usage.bytes_in_use),
         mib(usage.bytes_reserved),
+        bucket_list(device),
     ))
+}
+
+/// The browser layout's size buckets, as "; buckets (up to MiB: buffers now/at most, MiB
+/// reserved/in use): 0.03: 4/9 0.1/0.0, ...": empty in the native layout.
+fn bucket_list(device: &Device) -> String {
+    let buckets = device::pool_buckets(device).unwrap_or_default();
+    if buckets.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = buckets
+        .iter()
+        .map(|b| {
+            format!(
+                "{}: {}/{} {:.1}/{:.1}",
+                short_mib(b.largest),
+                b.pages,
+                b.pages_peak,
+                mib(b.reserved),
+                mib(b.in_use)
+            )
+        })
+        .collect();
+    format!(
+        "; buckets (up to MiB: buffers now/at most, MiB reserved/in use): {}",
+        list.join(", ")
+    )
+}
+
+/// A bucket's bound in MiB with the digits that tell it from its neighbours (they are
+/// 1.4-1.6x apart, from 32 KiB up).
+fn short_mib(bytes: u64) -> String {
+    let v = mib(bytes);
+    if v < 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
 }
 
 /// The largest single allocation since the device opened, in every pool (weights, shared
