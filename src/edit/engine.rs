@@ -390,15 +390,12 @@ impl<'a> Editor<'a> {
         let g = plan.strengths.guidance_scale as f32;
         report(progress, Phase::Editing, 0, steps)?;
         for (i, &t) in timesteps.iter().enumerate() {
-            let bank = self.step_bank(plan, inversion, i);
-            let (pair, bank_bytes) = self.eps_pair(plan, &z, i, context, bank, tokens.as_mut());
-            if let (Some(tr), None) = (trace.as_deref_mut(), &inversion.bank) {
-                tr.bank_bytes = tr.bank_bytes.max(bank_bytes);
-            }
-            let eps = ddim::classifier_free(pair.clone(), g);
-            let a_t = schedule.alpha_bar(t);
-            let a_prev = schedule.alpha_bar(t - stride);
-            let eps_x0 = if plan.is_guided(i) {
+            // The guidance runs before the step's CFG pass; neither needs the other. In the
+            // browser's pool layout (a buffer per allocation, kept per size bucket) this order
+            // took the editing phase's peak from 2505 to 2444 MiB (SD 1.5-sized f16 model,
+            // 256 px, lavapipe; docs/BENCHMARKS.md): the two sets of buffers share the buckets
+            // better this way round. A guidance that fails also fails before the pass is run.
+            let guided = if plan.is_guided(i) {
                 // The drag quirk's step-0 reference is this edit's own patched latent.
                 let own = i == 0 && plan.step0_reference_is_initial_latent();
                 let reference = if own {
@@ -428,6 +425,19 @@ impl<'a> Editor<'a> {
                         "the guidance energy at step {i} is not finite; lower the strengths"
                     )));
                 }
+                Some((gd, reference))
+            } else {
+                None
+            };
+            let bank = self.step_bank(plan, inversion, i);
+            let (pair, bank_bytes) = self.eps_pair(plan, &z, i, context, bank, tokens.as_mut());
+            if let (Some(tr), None) = (trace.as_deref_mut(), &inversion.bank) {
+                tr.bank_bytes = tr.bank_bytes.max(bank_bytes);
+            }
+            let eps = ddim::classifier_free(pair.clone(), g);
+            let a_t = schedule.alpha_bar(t);
+            let a_prev = schedule.alpha_bar(t - stride);
+            let eps_x0 = if let Some((gd, reference)) = guided {
                 let eps_x0 = eps.clone() + gd.guidance.clone();
                 if let Some(tr) = trace.as_deref_mut() {
                     tr.guidance.push(gd.guidance.clone());
