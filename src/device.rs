@@ -214,6 +214,31 @@ pub fn pool_buckets(device: &Device) -> Option<Vec<PoolBucket>> {
     Some(buckets)
 }
 
+/// Whether the device's pool gives every allocation a buffer of its own, kept in a size bucket
+/// for reuse (the browser's layout; natively `--pools exclusive`). There, buffers freed by one
+/// part of a step serve only requests of their bucket's size or smaller until they are handed
+/// back ([`release_unused`]), so handing them back between parts of different sizes lowers
+/// the footprint; natively the shared pages are reused by any size and gain nothing from it.
+pub fn one_buffer_per_allocation(device: &Device) -> bool {
+    #[cfg(target_family = "wasm")]
+    {
+        let _ = device;
+        true
+    }
+    #[cfg(not(target_family = "wasm"))]
+    {
+        use burn::cubecl::MemoryPoolKind;
+        wgpu_client(device).is_some_and(|client| {
+            client
+                .memory_report(burn::cubecl::MemoryScope::Device)
+                .streams
+                .iter()
+                .flat_map(|s| s.pools.dynamic.iter())
+                .any(|p| matches!(p.kind, MemoryPoolKind::Exclusive { .. }))
+        })
+    }
+}
+
 /// The compute dtype: f16 when asked for and the device has it, f32 otherwise.
 pub fn compute_dtype(device: &Device, want_f16: bool) -> DType {
     if want_f16 && device.supports_dtype(DType::F16) {
@@ -275,6 +300,17 @@ mod tests {
         assert_eq!(weight.into_data().num_elements(), bytes / 4);
         let largest = largest_allocation(&device).expect("a GPU reports its pools");
         assert!(largest >= bytes as u64, "{largest} < {bytes}");
+    }
+
+    #[test]
+    fn only_the_browsers_layout_keeps_a_buffer_per_allocation() {
+        assert!(!one_buffer_per_allocation(&Device::flex()));
+        let Some(device) = test_gpu() else {
+            return;
+        };
+        // The tests' GPU has the native layout. The other layout needs a process of its own
+        // (the device opens once per process); `bench --pools exclusive` shows it at work.
+        assert!(!one_buffer_per_allocation(&device));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::mask::{Mask, Placement};
 use super::plan::{EditPlan, Fidelity};
 use super::spec::Edit;
 use crate::StableDiffusion;
-use crate::device::{read_back, release_unused};
+use crate::device::{one_buffer_per_allocation, read_back, release_unused};
 use crate::diffusion::ddim;
 use crate::error::{Error, Result};
 use crate::image as pixels;
@@ -388,6 +388,7 @@ impl<'a> Editor<'a> {
             tr.bank_bytes = stored_bytes;
         }
         let g = plan.strengths.guidance_scale as f32;
+        let hand_back = one_buffer_per_allocation(self.sd.device());
         report(progress, Phase::Editing, 0, steps)?;
         for (i, &t) in timesteps.iter().enumerate() {
             // The guidance runs before the step's CFG pass; neither needs the other. In the
@@ -429,6 +430,12 @@ impl<'a> Editor<'a> {
             } else {
                 None
             };
+            if hand_back && guided.is_some() {
+                // The guidance's freed buffers would otherwise stay in their buckets beside the
+                // CFG pass's. This submits the queued work but waits for none of it: wgpu
+                // keeps a buffer alive until the work that uses it has run.
+                release_unused(self.sd.device());
+            }
             let bank = self.step_bank(plan, inversion, i);
             let (pair, bank_bytes) = self.eps_pair(plan, &z, i, context, bank, tokens.as_mut());
             if let (Some(tr), None) = (trace.as_deref_mut(), &inversion.bank) {
