@@ -273,15 +273,47 @@ pub fn persistent<I: Send, O: Send>(device: &Device, input: I, build: impl Fn(I)
 pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
     t.into_data_async()
         .await
-        .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))?
+        .map_err(|e| match e {
+            burn::tensor::ExecutionError::DevicePoisoned { reason } => {
+                Error::DeviceLost(lost_reason(&reason))
+            }
+            e => Error::Device(format!("cannot read a result back from the GPU: {e:?}")),
+        })?
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))
 }
 
+/// What a poisoned device's reason says, without the nested error's headings and backtrace:
+/// wgpu's "Destroyed: Device was destroyed." arrives as "The device is poisoned\nCaused
+/// by:\n  Destroyed: Device was destroyed.\nBacktrace:\n...".
+fn lost_reason(reason: &str) -> String {
+    let lines: Vec<&str> = reason
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Backtrace:"))
+        .filter(|l| !l.is_empty() && *l != "Caused by:" && *l != "The device is poisoned")
+        .collect();
+    match lines.join("; ").trim_end_matches('.') {
+        "" => "no reason given".to_string(),
+        r => r.to_string(),
+    }
+}
+
 #[cfg(all(test, not(target_family = "wasm")))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_devices_reason_is_its_cause_alone() {
+        let reason = "The device is poisoned\nCaused by:\n  Destroyed: Device was destroyed.\nBacktrace:\nNo backtrace available";
+        assert_eq!(lost_reason(reason), "Destroyed: Device was destroyed");
+        assert_eq!(
+            lost_reason("Lost: the driver reset"),
+            "Lost: the driver reset"
+        );
+        assert_eq!(lost_reason("Backtrace:\nframe 1"), "no reason given");
+    }
 
     #[test]
     fn the_largest_allocation_counts_the_weights_buffers() {

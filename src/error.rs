@@ -28,9 +28,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The GPU could not be used (no adapter, device lost, out of memory).
+    /// The GPU could not be used (no adapter, out of memory).
     #[error("GPU: {0}")]
     Device(String),
+
+    /// The GPU device was lost (a driver reset, a GPU removed or put to sleep, the browser
+    /// taking it back): nothing more runs on it, so the engine has to start again with a new
+    /// one. The browser editor does that itself.
+    #[error(
+        "the GPU device was lost ({0}); nothing more can run on it until the engine starts again"
+    )]
+    DeviceLost(String),
 
     /// The edit spec cannot be run as written.
     #[error("edit spec: {0}")]

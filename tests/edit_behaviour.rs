@@ -604,7 +604,8 @@ fn a_second_edit_of_the_same_photo_reuses_its_inversion() {
 /// A cache with a feature budget keeps the guided steps' reference features only while they
 /// fit (the browser keeps to one), and a second edit computes the rest again: it reuses as
 /// many steps as the budget held, and still equals a fresh edit. A budget of nothing keeps
-/// none, and the inversion is reused all the same.
+/// none, and the inversion is reused all the same. A budget lowered between edits drops what
+/// no longer fits.
 #[test]
 fn reference_features_are_kept_within_the_caches_budget() {
     let device = Device::flex();
@@ -640,4 +641,19 @@ fn reference_features_are_kept_within_the_caches_budget() {
         assert_eq!(cache.feature_bytes(), per_step * kept, "budget {budget}");
         assert_eq!(values(b.final_latent), fresh, "budget {budget}");
     }
+    // An embedder lowering the budget of a cache that holds every step: what no longer fits
+    // goes at once, the inversion stays, and later edits keep to the new budget.
+    let mut lowered = InversionCache::default();
+    run_cached(&first, &mut lowered);
+    lowered.set_feature_budget(per_step * 3 / 2);
+    assert_eq!(lowered.feature_bytes(), per_step, "one step fits");
+    let b = run_cached(&second, &mut lowered);
+    assert_eq!(lowered.hits(), 1, "lowered: the inversion reused");
+    assert_eq!(lowered.feature_hits(), 1, "lowered");
+    assert_eq!(
+        lowered.feature_bytes(),
+        per_step,
+        "lowered, after a second edit"
+    );
+    assert_eq!(values(b.final_latent), fresh, "lowered");
 }

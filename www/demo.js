@@ -1,8 +1,9 @@
-// The host side of the widget demo: pick the model from `?model=`, load the element, and show
-// what its events deliver.
+// The host side of the widget demo: pick the model from `?model=` (and the memory kept between
+// edits from `?reuse-memory=`), load the element, and show what its events deliver.
 const params = new URLSearchParams(location.search);
 const editor = document.querySelector("dragon-editor");
 if (params.get("model")) editor.setAttribute("model", params.get("model"));
+if (params.has("reuse-memory")) editor.setAttribute("reuse-memory", params.get("reuse-memory"));
 await import("./dragon-editor.js");
 
 const log = document.getElementById("log");
@@ -20,9 +21,12 @@ editor.addEventListener("ready", (e) => {
 });
 editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));
 editor.addEventListener("result", async (e) => {
-  note(`result: ${e.detail.width}x${e.detail.height} PNG, ${e.detail.blob.size} bytes`);
+  const { inversion, featureSteps } = e.detail.reused;
+  note(`result: ${e.detail.width}x${e.detail.height} PNG, ${e.detail.blob.size} bytes; ` +
+    (inversion ? `the photo's inversion reused, with ${featureSteps} guided steps' features` : "the photo inverted"));
   const img = document.getElementById("received");
   img.src = URL.createObjectURL(e.detail.blob);
   img.hidden = false;
-  window.__dragoneditResult = { width: e.detail.width, height: e.detail.height, size: e.detail.blob.size };
+  window.__dragoneditResults ??= [];
+  window.__dragoneditResults.push({ width: e.detail.width, height: e.detail.height, size: e.detail.blob.size, reused: e.detail.reused });
 });

@@ -1,8 +1,11 @@
 // <dragon-editor>: the whole editor as a custom element, used full-page by index.html and
 // embeddable in other sites. Attributes: `model` (a manifest URL, or a base URL serving
 // dragonedit-manifest.json), `resolution` (working resolution, default 512; `size` is an
-// alias). API: loadImage(blob), run(), cancel(), result() → Promise<Blob|null>. Events:
-// `progress` {phase, step, total, eta}, `preview` {step}, `result` {blob, width, height},
+// alias), `reuse-memory` (MiB of GPU memory kept after an edit so that the next edit of the
+// same photo runs fewer UNet passes; default 256, 0 keeps only the photo's inversion). API:
+// loadImage(blob), run(), cancel(), result() → Promise<Blob|null>, releaseMemory() (forget
+// what was kept and give free GPU memory back). Events: `progress` {phase, step, total, eta},
+// `preview` {step}, `result` {blob, width, height, reused: {inversion, featureSteps}},
 // `error` {message}, `ready` {model}.
 import { EngineClient, formatBytes, formatSeconds } from "./engine.js";
 import { Sketch, canvasPng, readPhoto } from "./sketch.js";
@@ -95,7 +98,7 @@ const TEMPLATE = `
 
 class DragonEditor extends HTMLElement {
   static get observedAttributes() {
-    return ["model"];
+    return ["model", "reuse-memory"];
   }
 
   constructor() {
@@ -130,11 +133,32 @@ class DragonEditor extends HTMLElement {
     this.$(".resolution").value = String(this.initialResolution);
     this.wire();
     this.setMode("drag");
-    this.start().catch((e) => this.fail(e));
+    this.start().catch((e) => this.failOrRecover(e));
   }
 
   attributeChangedCallback(name, old, value) {
-    if (name === "model" && this.engine && old !== value) this.start().catch((e) => this.fail(e));
+    if (!this.engine || old === value) return;
+    if (name === "model") this.start().catch((e) => this.failOrRecover(e));
+    if (name === "reuse-memory") this.applyReuseMemory().catch((e) => this.failOrRecover(e));
+  }
+
+  // The `reuse-memory` attribute, passed to the engine; a value that is not a number of MiB
+  // gets a notice and the default.
+  async applyReuseMemory() {
+    const value = this.getAttribute("reuse-memory");
+    let mib = value === null || value.trim() === "" ? null : Number(value);
+    if (mib !== null && !(mib >= 0)) {
+      this.notice(`reuse-memory="${value}" is not a number of MiB (0 or more); keeping the default.`);
+      mib = null;
+    }
+    await this.engine.request("configure", { keptFeaturesMiB: mib });
+  }
+
+  // Forgets the photo's inversion and what was kept for its next edit, and gives the GPU
+  // memory that frees back to the browser: for a host page that hides the editor. The next
+  // edit inverts the photo again. During an edit it takes effect when the edit ends.
+  async releaseMemory() {
+    if (this.engine) await this.engine.request("release");
   }
 
   // ----- status -----
@@ -156,6 +180,29 @@ class DragonEditor extends HTMLElement {
     const message = e instanceof Error ? e.message : String(e);
     this.say(message, "error");
     this.dispatchEvent(new CustomEvent("error", { detail: { message } }));
+  }
+
+  failOrRecover(e) {
+    if (e?.restart) this.recover(e).catch((err) => this.failOrRecover(err));
+    else this.fail(e);
+  }
+
+  // The engine can run nothing more (its GPU device was lost, or its module crashed): start a
+  // fresh one and load the model again, keeping the photo, its edits and the marks on it. A
+  // second loss within a minute is not a passing one, and gets a message instead.
+  async recover(e) {
+    const now = performance.now();
+    this.ready = false;
+    this.updateButtons();
+    if (this.restartedAt !== undefined && now - this.restartedAt < 60_000) {
+      this.fail(new Error(`${e.message} It happened again right after the editor restarted, so the GPU cannot be used now. Download the result if you want to keep it, then reload the page, or restart the browser if that does not help.`));
+      return;
+    }
+    this.restartedAt = now;
+    this.say("The editing engine stopped; starting it again…");
+    this.engine.restart();
+    await this.start();
+    this.notice(`${e.message} The editor started its engine again and reloaded the model; your photo, its edits and your marks are kept. Run the edit again.`);
   }
 
   progress(p) {
@@ -215,6 +262,7 @@ class DragonEditor extends HTMLElement {
     }
     if (!info.cached) await this.askAndDownload(info);
     this.say("Loading the model…");
+    await this.applyReuseMemory();
     const { precision, convolutions, timings } = await this.engine.request("load", { source: this.modelSource });
     this.precision = precision;
     this.ready = true;
@@ -430,8 +478,9 @@ class DragonEditor extends HTMLElement {
     this.updateButtons();
     this.say("Starting the edit…");
     const before = this.position;
+    let failure = null;
     try {
-      const { png } = await this.engine.request("edit", request);
+      const { png, reused } = await this.engine.request("edit", request);
       const blob = new Blob([png], { type: "image/png" });
       const { canvas } = await readPhoto(blob, Infinity);
       this.history = this.history.slice(0, before + 1);
@@ -440,16 +489,17 @@ class DragonEditor extends HTMLElement {
       this.showPosition();
       this.setDownload(blob);
       this.say("Done. Download the result, compare it with the photo before, or edit further.", "ok");
-      this.dispatchEvent(new CustomEvent("result", { detail: { blob, width: canvas.width, height: canvas.height } }));
+      this.dispatchEvent(new CustomEvent("result", { detail: { blob, width: canvas.width, height: canvas.height, reused } }));
     } catch (e) {
       this.sketch.drawPhoto(this.current);
       if (e.cancelled) this.say("Cancelled. The photo is unchanged.", "ok");
-      else this.fail(e);
+      else failure = e;
     } finally {
       this.running = false;
       delete this.$(".stage").dataset.preview;
       this.updateButtons();
     }
+    if (failure) this.failOrRecover(failure);
   }
 
   cancel() {

@@ -1,10 +1,14 @@
-// Iframe mode: the editor alone, for sites that prefer isolation. `?model=` picks the model;
-// `?parent=ORIGIN` names the embedding page, which then receives {type: "dragonedit:result",
-// blob}, "dragonedit:progress" and "dragonedit:error" messages and may send
-// {type: "dragonedit:load-image", blob}. Without `parent` nothing is posted out.
+// Iframe mode: the editor alone, for sites that prefer isolation. `?model=` picks the model
+// and `?reuse-memory=` the MiB kept between edits (the element's attributes); `?parent=ORIGIN`
+// names the embedding page, which then receives {type: "dragonedit:result", blob, reused},
+// "dragonedit:progress" and "dragonedit:error" messages and may send
+// {type: "dragonedit:load-image", blob} and {type: "dragonedit:release-memory"}. Without
+// `parent` nothing is posted out.
 const params = new URLSearchParams(location.search);
 const editor = document.querySelector("dragon-editor");
-if (params.get("model")) editor.setAttribute("model", params.get("model"));
+for (const name of ["model", "reuse-memory"]) {
+  if (params.get(name)) editor.setAttribute(name, params.get(name));
+}
 await import("./dragon-editor.js");
 
 const parentOrigin = params.get("parent");
@@ -15,5 +19,6 @@ if (parentOrigin && window.parent !== window) {
   window.addEventListener("message", (e) => {
     if (e.origin !== parentOrigin) return;
     if (e.data?.type === "dragonedit:load-image" && e.data.blob instanceof Blob) editor.loadImage(e.data.blob);
+    if (e.data?.type === "dragonedit:release-memory") editor.releaseMemory().catch((err) => editor.fail(err));
   });
 }

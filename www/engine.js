@@ -1,9 +1,18 @@
-// The page's side of the worker: requests as promises, progress and notices as callbacks.
+// The page's side of the worker: requests as promises, progress and notices as callbacks. A
+// rejected request's error has `cancelled` when the user cancelled it, and `restart` when the
+// worker can run nothing more (its GPU device was lost, or its wasm module trapped): then
+// `restart()` replaces the worker with a fresh one.
 export class EngineClient {
   constructor({ onProgress, onNotice, onPreview }) {
-    this.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    this.callbacks = { onProgress, onNotice, onPreview };
     this.pending = new Map();
     this.nextId = 1;
+    this.spawn();
+  }
+
+  spawn() {
+    const { onProgress, onNotice, onPreview } = this.callbacks;
+    this.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     this.worker.onmessage = (event) => {
       const msg = event.data;
       if (msg.type === "progress") return onProgress?.(msg);
@@ -16,14 +25,30 @@ export class EngineClient {
       else {
         const error = new Error(msg.message);
         error.cancelled = Boolean(msg.cancelled);
+        error.restart = Boolean(msg.restart);
         waiting.reject(error);
       }
     };
     this.worker.onerror = (event) => {
-      const error = new Error(`the editing engine stopped: ${event.message ?? "unknown error"}; reload the page (your photo and edits are kept in this tab until then)`);
-      for (const waiting of this.pending.values()) waiting.reject(error);
-      this.pending.clear();
+      const error = new Error(`The editing engine stopped (${event.message ?? "unknown error"}).`);
+      error.restart = true;
+      this.rejectAll(error);
     };
+  }
+
+  rejectAll(error) {
+    for (const waiting of this.pending.values()) waiting.reject(error);
+    this.pending.clear();
+  }
+
+  // A fresh worker in place of one that can run nothing more; what the old one had loaded
+  // (the model, a kept inversion) is gone with it.
+  restart() {
+    this.worker.terminate();
+    const error = new Error("The editing engine was restarted.");
+    error.restart = true;
+    this.rejectAll(error);
+    this.spawn();
   }
 
   request(type, payload = {}, transfer = []) {

@@ -14,7 +14,7 @@ let busy = null;
 let loadedModel = null;
 // What load_model reported: {precision: "f16" | "f32", convolutions, timings}.
 let loadedInfo = null;
-// Set when the wasm module trapped (a panic, a lost GPU device): its state cannot be trusted.
+// Set when the wasm module trapped (a panic) or lost its GPU device: nothing more can run here.
 let crashed = null;
 
 function post(message, transfer = []) {
@@ -94,7 +94,7 @@ const handlers = {
     await ready;
     cancelRequested = false;
     const map = new Map(Object.entries(assets ?? {}));
-    const png = await wasm.run_edit(
+    const { png, reusedInversion, reusedFeatureSteps } = await wasm.run_edit(
       spec,
       image,
       reference ?? undefined,
@@ -105,7 +105,28 @@ const handlers = {
       },
       (step, preview) => post({ type: "preview", step, png: preview }, [preview.buffer]),
     );
-    return { png };
+    return { png, reused: { inversion: reusedInversion, featureSteps: reusedFeatureSteps } };
+  },
+
+  // MiB of GPU memory the reference features kept for the next edit of a photo may hold
+  // (null: the engine's default).
+  async configure({ keptFeaturesMiB }) {
+    await ready;
+    if (keptFeaturesMiB == null) {
+      wasm.set_kept_features_mib(undefined);
+      return { keptFeaturesMiB: null };
+    }
+    const mib = Math.min(2 ** 32 - 1, Math.floor(Number(keptFeaturesMiB)));
+    if (!(mib >= 0)) throw new Error(`the GPU memory to keep between edits must be a number of MiB (0 or more), not ${keptFeaturesMiB}`);
+    wasm.set_kept_features_mib(mib);
+    return { keptFeaturesMiB: mib };
+  },
+
+  // Forgets what was kept for the next edit and gives the free GPU buffers back.
+  async release() {
+    await ready;
+    wasm.release_memory();
+    return { released: true };
   },
 
   async storage() {
@@ -134,7 +155,7 @@ self.onmessage = async (event) => {
     return;
   }
   if (crashed) {
-    post({ type: "error", id: msg.id, message: crashed });
+    post({ type: "error", id: msg.id, message: crashed, restart: true });
     return;
   }
   const handler = handlers[msg.type];
@@ -154,11 +175,15 @@ self.onmessage = async (event) => {
     post({ type: "done", id: msg.id, ...result }, transfer);
   } catch (e) {
     let message = e instanceof Error ? e.message : String(e);
-    if (e instanceof WebAssembly.RuntimeError) {
-      crashed = `The editing engine stopped (${message}), for example because the GPU was lost. Reload the page to start it again; your photos stay in this tab until then.`;
+    // A trap leaves the wasm module's state untrusted, and a lost GPU device runs nothing
+    // more: either way only a new worker (a new module, a new device) can go on, and the page
+    // starts one (`restart`).
+    const lost = e?.name === "DeviceLostError";
+    if (e instanceof WebAssembly.RuntimeError || lost) {
+      crashed = lost ? `${message[0].toUpperCase()}${message.slice(1)}.` : `The editing engine stopped (${message}), for example because the GPU was lost.`;
       message = crashed;
     }
-    post({ type: "error", id: msg.id, message, cancelled: message === "cancelled" });
+    post({ type: "error", id: msg.id, message, cancelled: message === "cancelled", restart: Boolean(crashed) });
   } finally {
     if (long) busy = null;
   }

@@ -90,6 +90,22 @@ impl InversionCache {
         }
     }
 
+    /// Changes the budget for later edits and drops the kept features that no longer fit it,
+    /// keeping the earliest steps that do (the order an edit keeps them in), so that an
+    /// embedder can take device memory back without losing the inversion.
+    pub fn set_feature_budget(&mut self, bytes: usize) {
+        self.feature_budget = Some(bytes);
+        if let Some(kept) = &mut self.entry {
+            let mut left = bytes;
+            for slot in &mut kept.features {
+                match slot {
+                    Some(f) if f.bytes() <= left => left -= f.bytes(),
+                    _ => *slot = None,
+                }
+            }
+        }
+    }
+
     /// Forgets the kept inversion and features (and the device memory they hold).
     pub fn clear(&mut self) {
         self.entry = None;

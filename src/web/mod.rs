@@ -26,8 +26,13 @@ thread_local! {
     static DEVICE: std::cell::RefCell<Option<Device>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The WebGPU device if this page opened it already.
+pub(crate) fn open_device() -> Option<Device> {
+    DEVICE.with(|d| d.borrow().clone())
+}
+
 pub(crate) async fn device() -> Result<Device, JsValue> {
-    if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
+    if let Some(d) = open_device() {
         return Ok(d);
     }
     let d = crate::device::webgpu()

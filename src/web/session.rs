@@ -2,7 +2,7 @@
 //! are async (every GPU read-back is awaited), so the worker's event loop runs between steps and
 //! a cancel message is seen at the next step.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use burn::tensor::{DType, Device};
@@ -23,21 +23,60 @@ thread_local! {
     static MODEL: RefCell<Option<Rc<StableDiffusion>>> = const { RefCell::new(None) };
     /// The last edit's inversion: a second edit of the same photo skips it.
     static INVERSION: RefCell<InversionCache> = RefCell::new(tab_cache());
+    /// The device bytes of reference features kept between edits (`set_kept_features_mib`).
+    static FEATURE_BUDGET: Cell<usize> = const { Cell::new(DEFAULT_KEPT_FEATURES_MIB << 20) };
+    /// True while `run_edit` runs, which has the cache out of `INVERSION` meanwhile.
+    static EDIT_RUNNING: Cell<bool> = const { Cell::new(false) };
+    /// Set by `release_memory` while an edit runs: that edit's cache is dropped when it ends.
+    static RELEASE_AFTER_EDIT: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The reference features a tab keeps for the next edit of the same photo. A 512 px edit's
-/// pool peaked at 3178 MiB in the browser's layout with none kept, against a 4 GiB target;
-/// 256 MiB (more with the pool's size buckets) keeps every guided step of a 30-step edit
-/// without a reference image (7.5 MiB each in f16) and about half of one with.
-const KEPT_FEATURES_BYTES: usize = 256 << 20;
+/// The reference features a tab keeps for the next edit of the same photo unless the page
+/// says otherwise. A 512 px edit's pool peaked at 3178 MiB in the browser's layout with none
+/// kept, against a 4 GiB target; 256 MiB (more with the pool's size buckets) keeps every
+/// guided step of a 30-step edit without a reference image (7.5 MiB each in f16) and about
+/// half of one with.
+const DEFAULT_KEPT_FEATURES_MIB: usize = 256;
 
 /// An empty inversion cache that keeps to the tab's feature budget.
 fn tab_cache() -> InversionCache {
-    InversionCache::with_feature_budget(KEPT_FEATURES_BYTES)
+    InversionCache::with_feature_budget(FEATURE_BUDGET.get())
 }
 
+/// Sets how many MiB of device memory the reference features kept for the next edit of the
+/// same photo may hold (each guided step they cover runs one truncated UNet pass less), and
+/// drops at once what the kept ones hold past it. 0 keeps none; the inversion itself (a few
+/// MiB of latents) is kept whatever the budget. `undefined` restores the default (256). An
+/// edit running now keeps to it from its end.
+#[wasm_bindgen]
+pub fn set_kept_features_mib(mib: Option<u32>) {
+    let mib = mib.map_or(DEFAULT_KEPT_FEATURES_MIB, |m| m as usize);
+    let bytes = mib.saturating_mul(1 << 20);
+    FEATURE_BUDGET.set(bytes);
+    INVERSION.with(|c| c.borrow_mut().set_feature_budget(bytes));
+}
+
+/// Forgets the kept inversion and reference features and hands the device's free buffers
+/// back to the browser, for a page that hides the editor or needs the GPU for itself. The
+/// next edit of the same photo inverts it again. Called while an edit runs, it takes effect
+/// when that edit ends.
+#[wasm_bindgen]
+pub fn release_memory() {
+    INVERSION.with(|c| c.borrow_mut().clear());
+    RELEASE_AFTER_EDIT.set(EDIT_RUNNING.get());
+    if let Some(device) = super::open_device() {
+        crate::device::release_unused(&device);
+    }
+}
+
+/// The engine's error as a JS `Error`; a lost GPU device's is named `DeviceLostError`, which
+/// tells the page to start the engine again rather than to retry.
 fn js_error(e: Error) -> JsValue {
-    js_sys::Error::new(&e.to_string()).into()
+    let error = js_sys::Error::new(&e.to_string());
+    if matches!(e, Error::DeviceLost(_)) {
+        error.set_name("DeviceLostError");
+    }
+    error.into()
 }
 
 /// Calls `on_progress({phase, step, total})`; a `false` return cancels.
@@ -140,8 +179,10 @@ pub fn model_loaded() -> bool {
 
 /// Runs one edit. `spec` is the edit spec JSON (the CLI's format); `image` and `reference` are
 /// PNG or JPEG bytes; `assets` maps the spec's mask names to PNG bytes. `on_preview(step, png)`
-/// gets a latent-sized preview about every tenth of the steps. Returns the result as PNG bytes
-/// at the photo's own size.
+/// gets a latent-sized preview about every tenth of the steps. Returns `{png, reusedInversion,
+/// reusedFeatureSteps}`: the result as PNG bytes at the photo's own size, whether the photo's
+/// inversion came from the edit before, and how many guided steps took their reference
+/// features from it.
 #[wasm_bindgen]
 pub async fn run_edit(
     spec: String,
@@ -150,7 +191,7 @@ pub async fn run_edit(
     assets: js_sys::Map,
     on_progress: js_sys::Function,
     on_preview: Option<js_sys::Function>,
-) -> Result<Vec<u8>, JsValue> {
+) -> Result<JsValue, JsValue> {
     let sd = MODEL
         .with(|m| m.borrow().clone())
         .ok_or_else(|| js_error(Error::InvalidInput("no model is loaded yet".into())))?;
@@ -187,6 +228,9 @@ pub async fn run_edit(
     // outcome; the worker runs one edit at a time.
     // What is left in its place (should the edit never finish) keeps to the budget too.
     let mut cache = INVERSION.with(|c| std::mem::replace(&mut *c.borrow_mut(), tab_cache()));
+    let (hits, feature_hits) = (cache.hits(), cache.feature_hits());
+    EDIT_RUNNING.set(true);
+    RELEASE_AFTER_EDIT.set(false);
     let out = editor
         .run_reusing(
             &edit,
@@ -196,8 +240,37 @@ pub async fn run_edit(
             Some(&mut preview),
         )
         .await;
+    EDIT_RUNNING.set(false);
+    let reused = (cache.hits() > hits, cache.feature_hits() - feature_hits);
+    if RELEASE_AFTER_EDIT.take() {
+        cache.clear();
+        crate::device::release_unused(sd.device());
+    } else {
+        // The page may have changed the budget while the edit ran.
+        cache.set_feature_budget(FEATURE_BUDGET.get());
+    }
     INVERSION.with(|c| *c.borrow_mut() = cache);
     let out = out.map_err(js_error)?;
     let (w, h) = photo.dimensions();
-    crate::image::encode_png(&crate::image::resized(&out.image, w, h)).map_err(js_error)
+    let png =
+        crate::image::encode_png(&crate::image::resized(&out.image, w, h)).map_err(js_error)?;
+    edited(&png, reused.0, reused.1)
+}
+
+/// `run_edit`'s answer as a JS object.
+fn edited(
+    png: &[u8],
+    reused_inversion: bool,
+    reused_feature_steps: usize,
+) -> Result<JsValue, JsValue> {
+    let out = js_sys::Object::new();
+    let set =
+        |key: &str, value: JsValue| js_sys::Reflect::set(&out, &JsValue::from_str(key), &value);
+    set("png", js_sys::Uint8Array::from(png).into())?;
+    set("reusedInversion", JsValue::from_bool(reused_inversion))?;
+    set(
+        "reusedFeatureSteps",
+        JsValue::from(reused_feature_steps as u32),
+    )?;
+    Ok(out.into())
 }

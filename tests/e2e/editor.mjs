@@ -1,8 +1,9 @@
 // End-to-end tests of the built site in headless Chromium, WebGPU on SwiftShader, with the tiny
 // model of tests/fixtures served locally: first visit (license, download with a dropped
 // connection and a corrupted file), a second visit from the cache with no weight requests,
-// drag and move edits, cancelling, bad photos, no WebGPU, and the widget demo. Every request
-// must stay on the page's origin. Usage: node editor.mjs DIST_DIR [ARTIFACT_DIR]
+// drag and move edits, cancelling, bad photos, no WebGPU, a lost GPU device, and the widget
+// demo with the memory it keeps between edits. Every request must stay on the page's origin.
+// Usage: node editor.mjs DIST_DIR [ARTIFACT_DIR]
 import { mkdtemp, mkdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -233,10 +234,16 @@ await test("second visit: the model loads from the cache with no weight request"
         window.__phases = [];
         document.querySelector("dragon-editor").addEventListener("progress", (e) => window.__phases.push(e.detail));
       });
+      await page.evaluate(() => {
+        document.querySelector("dragon-editor").addEventListener("result", (e) => (window.__reused = e.detail.reused), { once: true });
+      });
       const result = await runAndWait(page);
       const phases = await page.evaluate(() => window.__phases);
       const inverting = phases.filter((p) => p.phase === "inverting" && p.step < p.total);
       check(inverting.length === 0, `inversion steps on the second edit of one photo: ${JSON.stringify(inverting)}`);
+      // The default budget keeps the guided step's reference features too.
+      const reused = await page.evaluate(() => window.__reused);
+      check(reused?.inversion === true && reused.featureSteps >= 1, `the result event's reuse: ${JSON.stringify(reused)}`);
       check(phases.some((p) => p.phase === "editing"), `no editing progress: ${JSON.stringify(phases)}`);
       check(result.width === 128 && result.height === 128, `result ${JSON.stringify(result)}`);
     });
@@ -296,22 +303,41 @@ await test("second visit: the model loads from the cache with no weight request"
   }
 });
 
-await test("the widget demo completes an edit and fires its result event", async () => {
+await test("the widget demo: an edit, its result event, the memory kept between edits", async () => {
   state.log = [];
   const { context, page } = await browser(webgpu);
+  // Runs an edit and returns the host page's n-th result event (or fails with its error).
+  const nthResult = async (n) => {
+    await page.locator("dragon-editor button.run").click();
+    await page.waitForFunction((n) => window.__dragoneditResults?.length >= n || /error:/.test(document.getElementById("log").textContent), n, { timeout: 600_000 });
+    const r = await page.evaluate((n) => window.__dragoneditResults?.[n - 1], n);
+    check(r, `edit ${n} failed: ${await page.locator("#log").textContent()}`);
+    return r;
+  };
   try {
-    await page.goto(`${url}/www/demo.html?model=${MODEL}`);
+    // reuse-memory=0: no reference features kept, the inversion still is.
+    await page.goto(`${url}/www/demo.html?model=${MODEL}&reuse-memory=0`);
     await waitState(page, "ok");
     check(weightRequests().length === 0, "the demo fetched weights again");
     await openPhoto(page);
     await setAdvanced(page);
     await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
-    await page.locator("dragon-editor button.run").click();
-    await page.waitForFunction(() => window.__dragoneditResult, null, { timeout: 600_000 });
-    const r = await page.evaluate(() => window.__dragoneditResult);
+    const r = await nthResult(1);
     check(r.width === 128 && r.height === 128 && r.size > 0, JSON.stringify(r));
+    check(r.reused.inversion === false, `the first edit reused an inversion: ${JSON.stringify(r)}`);
+    // The result became the photo: back to the original, so that the next edit is of it.
+    await page.locator("dragon-editor button.undo-edit").click();
+    await dragOnPhoto(page, [0.3, 0.7], [0.35, 0.65]);
+    const second = await nthResult(2);
+    check(second.reused.inversion === true && second.reused.featureSteps === 0, `reuse-memory=0, second edit: ${JSON.stringify(second)}`);
+    await page.evaluate(() => document.querySelector("dragon-editor").releaseMemory());
+    await page.locator("dragon-editor button.undo-edit").click();
+    await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+    const third = await nthResult(3);
+    check(third.reused.inversion === false, `after releaseMemory(): ${JSON.stringify(third)}`);
     const log = await page.locator("#log").textContent();
     check(/result: 128x128 PNG/.test(log), "the host page did not log the result");
+    check(/the photo's inversion reused, with 0 guided steps' features/.test(log), `the host page did not log the reuse: ${log}`);
     // SwiftShader has no shader-f16, so the model falls back to f32 (and says so).
     check(/computing in f32/.test(log), `the ready event did not report f32: ${log}`);
     // The page timed a convolution both ways on this GPU before loading and says which won.
@@ -321,6 +347,52 @@ await test("the widget demo completes an edit and fires its result event", async
     check(timed, `the ready event did not report the timed convolutions: ${log}`);
     console.log(`  SwiftShader ${timed[0]}`);
     check(Number(timed[2]) < 1e-5, `im2col + matmul differs from burn's convolution: ${timed[0]}`);
+  } finally {
+    await context.close();
+  }
+});
+
+await test("a lost GPU device: the editor starts its engine again and keeps the photo, its edit and the marks", async () => {
+  const { context, page } = await browser(webgpu);
+  // Served with the worker, and this test's only change to the site: a prelude that keeps the
+  // GPUDevice the engine asks for and destroys it on request, as a driver reset or the browser
+  // taking the GPU back would lose it.
+  const prelude = `const requestDevice = GPUAdapter.prototype.requestDevice;
+GPUAdapter.prototype.requestDevice = async function (...args) {
+  const device = await requestDevice.apply(this, args);
+  (self.__devices ??= []).push(device);
+  return device;
+};
+self.addEventListener("message", (e) => {
+  if (e.data?.type === "test:lose-device") for (const d of self.__devices ?? []) d.destroy();
+});
+`;
+  await context.route(/\/worker\.js$/, async (route) => {
+    const response = await route.fetch();
+    await route.fulfill({ response, body: prelude + (await response.text()) });
+  });
+  const notices = () => page.locator("dragon-editor .notices").textContent();
+  try {
+    await page.goto(`${url}/?model=${MODEL}`);
+    await waitState(page, "ok");
+    await openPhoto(page);
+    await setAdvanced(page);
+    await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+    const first = await runAndWait(page);
+    check(first.width === 128, `first edit: ${JSON.stringify(first)}`);
+    await page.evaluate(() => document.querySelector("dragon-editor").engine.worker.postMessage({ type: "test:lose-device" }));
+    await dragOnPhoto(page, [0.3, 0.7], [0.35, 0.65]);
+    await page.locator("dragon-editor button.run").click();
+    await page.waitForFunction(() => /started its engine again/.test(document.querySelector("dragon-editor").shadowRoot.querySelector(".notices").textContent), null, { timeout: 300_000 });
+    const text = await notices();
+    console.log(`  notice: ${text}`);
+    check(/GPU device was lost|engine stopped/.test(text), `the notice does not say what happened: ${text}`);
+    check(!/Backtrace|Caused by/.test(text), `the notice carries the error's internals: ${text}`);
+    check((await status(page).getAttribute("data-state")) === "ok", `after the restart: ${await status(page).textContent()}`);
+    check(await page.locator("dragon-editor button.undo-edit").isEnabled(), "the first edit was lost with the engine");
+    // The marks are kept too: the same edit runs again, on the new engine.
+    const again = await runAndWait(page);
+    check(again.width === 128, `the edit after the restart: ${JSON.stringify(again)}`);
   } finally {
     await context.close();
   }
