@@ -2,8 +2,9 @@
 // edits from `?reuse-memory=`), load the element, and show what its events deliver.
 const params = new URLSearchParams(location.search);
 const editor = document.querySelector("dragon-editor");
-if (params.get("model")) editor.setAttribute("model", params.get("model"));
-if (params.has("reuse-memory")) editor.setAttribute("reuse-memory", params.get("reuse-memory"));
+for (const name of ["model", "reuse-memory"]) {
+  if (params.get(name)) editor.setAttribute(name, params.get(name));
+}
 await import("./dragon-editor.js");
 
 const log = document.getElementById("log");

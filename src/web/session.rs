@@ -25,9 +25,8 @@ thread_local! {
     static INVERSION: RefCell<InversionCache> = RefCell::new(tab_cache());
     /// The device bytes of reference features kept between edits (`set_kept_features_mib`).
     static FEATURE_BUDGET: Cell<usize> = const { Cell::new(DEFAULT_KEPT_FEATURES_MIB << 20) };
-    /// True while `run_edit` runs, which has the cache out of `INVERSION` meanwhile.
-    static EDIT_RUNNING: Cell<bool> = const { Cell::new(false) };
-    /// Set by `release_memory` while an edit runs: that edit's cache is dropped when it ends.
+    /// Set by `release_memory`; an edit running then (it has the cache out of `INVERSION`)
+    /// drops its cache when it ends. Each edit clears it as it starts.
     static RELEASE_AFTER_EDIT: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -63,7 +62,7 @@ pub fn set_kept_features_mib(mib: Option<u32>) {
 #[wasm_bindgen]
 pub fn release_memory() {
     INVERSION.with(|c| c.borrow_mut().clear());
-    RELEASE_AFTER_EDIT.set(EDIT_RUNNING.get());
+    RELEASE_AFTER_EDIT.set(true);
     if let Some(device) = super::open_device() {
         crate::device::release_unused(&device);
     }
@@ -229,7 +228,6 @@ pub async fn run_edit(
     // What is left in its place (should the edit never finish) keeps to the budget too.
     let mut cache = INVERSION.with(|c| std::mem::replace(&mut *c.borrow_mut(), tab_cache()));
     let (hits, feature_hits) = (cache.hits(), cache.feature_hits());
-    EDIT_RUNNING.set(true);
     RELEASE_AFTER_EDIT.set(false);
     let out = editor
         .run_reusing(
@@ -240,7 +238,6 @@ pub async fn run_edit(
             Some(&mut preview),
         )
         .await;
-    EDIT_RUNNING.set(false);
     let reused = (cache.hits() > hits, cache.feature_hits() - feature_hits);
     if RELEASE_AFTER_EDIT.take() {
         cache.clear();
