@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, clippy (native and wasm32, inside the builds), unit and parity
-# tests on the CPU and on wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and the
-# editor's end-to-end tests in headless Chromium with WebGPU on SwiftShader
-# (tests/e2e/editor.mjs; screenshots go to tests/e2e/artifacts).
+# Runs every test: formatting, the page's JavaScript unit tests (tests/js, node's test runner),
+# clippy (native and wasm32, inside the builds), Rust unit and parity tests on the CPU and on
+# wgpu (Mesa's software Vulkan, lavapipe), the wasm build, and the editor's end-to-end tests in
+# headless Chromium with WebGPU on SwiftShader (tests/e2e/editor.mjs; screenshots go to
+# tests/e2e/artifacts).
 source "$(dirname "${BASH_SOURCE[0]}")/tools.sh"
 cd "$ROOT"
 
@@ -12,6 +13,9 @@ need_node
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+
+log "JavaScript unit tests (the page's engine client)"
+node --test tests/js/*.test.mjs
 
 # Clippy lints inside the builds the tests and the site need anyway: clippy-driver wraps rustc
 # for this crate only, as `cargo clippy` itself does, but in a full build instead of a check

@@ -133,13 +133,13 @@ class DragonEditor extends HTMLElement {
     this.$(".resolution").value = String(this.initialResolution);
     this.wire();
     this.setMode("drag");
-    this.start().catch((e) => this.failOrRecover(e));
+    this.start().catch((e) => this.report(e));
   }
 
   attributeChangedCallback(name, old, value) {
     if (!this.engine || old === value) return;
-    if (name === "model") this.start().catch((e) => this.failOrRecover(e));
-    if (name === "reuse-memory") this.applyReuseMemory().catch((e) => this.failOrRecover(e));
+    if (name === "model") this.start().catch((e) => this.report(e));
+    if (name === "reuse-memory") this.applyReuseMemory().catch((e) => this.report(e));
   }
 
   // The `reuse-memory` attribute, passed to the engine; a value that is not a number of MiB
@@ -182,27 +182,35 @@ class DragonEditor extends HTMLElement {
     this.dispatchEvent(new CustomEvent("error", { detail: { message } }));
   }
 
-  failOrRecover(e) {
-    if (e?.restart) this.recover(e).catch((err) => this.failOrRecover(err));
-    else this.fail(e);
+  // An error for the user, unless it came from an engine that was lost: `recover` speaks for
+  // those, once per loss.
+  report(e) {
+    if (!e?.lost) this.fail(e);
   }
 
   // The engine can run nothing more (its GPU device was lost, or its module crashed): start a
   // fresh one and load the model again, keeping the photo, its edits and the marks on it. A
-  // second loss within a minute is not a passing one, and gets a message instead.
+  // loss before the fresh engine has finished an edit is not a passing one (a driver that
+  // resets on every edit, say) and gets a message instead of another restart.
   async recover(e) {
-    const now = performance.now();
     this.ready = false;
     this.updateButtons();
-    if (this.restartedAt !== undefined && now - this.restartedAt < 60_000) {
-      this.fail(new Error(`${e.message} It happened again right after the editor restarted, so the GPU cannot be used now. Download the result if you want to keep it, then reload the page, or restart the browser if that does not help.`));
+    if (this.recovering || this.restartUnproven) {
+      this.fail(new Error(`${e.message} It happened again right after the editor restarted its engine, so the GPU cannot be used now. Download the result if you want to keep it, then reload the page, or restart the browser if that does not help.`));
       return;
     }
-    this.restartedAt = now;
+    this.recovering = true;
+    this.restartUnproven = true;
     this.say("The editing engine stopped; starting it again…");
     this.engine.restart();
-    await this.start();
-    this.notice(`${e.message} The editor started its engine again and reloaded the model; your photo, its edits and your marks are kept. Run the edit again.`);
+    try {
+      await this.start();
+      this.notice(`${e.message} The editor started its engine again and reloaded the model; your photo, its edits and your marks are kept. Run the edit again.`);
+    } catch (err) {
+      this.report(err);
+    } finally {
+      this.recovering = false;
+    }
   }
 
   progress(p) {
@@ -253,6 +261,7 @@ class DragonEditor extends HTMLElement {
       onProgress: (p) => this.progress(p),
       onNotice: (t) => this.notice(t),
       onPreview: (p) => this.preview(p),
+      onLost: (e) => this.recover(e),
     });
     this.say("Checking the model…");
     const info = await this.engine.request("inspect", { source: this.modelSource });
@@ -268,7 +277,7 @@ class DragonEditor extends HTMLElement {
     this.ready = true;
     this.say(this.sketch.hasPhoto ? "Ready." : "Ready. Open a photo to start.", "ok");
     this.updateButtons();
-    this.refreshStorage();
+    this.refreshStorage().catch((e) => this.report(e));
     this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision, convolutions, timings } }));
   }
 
@@ -329,13 +338,18 @@ class DragonEditor extends HTMLElement {
       del.textContent = "Delete";
       del.setAttribute("aria-label", `Delete ${m.name} from this browser`);
       del.onclick = async () => {
-        await this.engine.request("remove", { source: m.id });
-        this.refreshStorage();
+        try {
+          await this.engine.request("remove", { source: m.id });
+        } catch (e) {
+          this.report(e);
+          return;
+        }
         if (m.id === this.modelSource) {
           this.ready = false;
           this.updateButtons();
           this.say("The model was deleted from this browser; reload to download it again.", "ok");
         }
+        this.refreshStorage().catch((e) => this.report(e));
       };
       li.append(del);
       list.append(li);
@@ -488,6 +502,7 @@ class DragonEditor extends HTMLElement {
       this.position = this.history.length - 1;
       this.showPosition();
       this.setDownload(blob);
+      this.restartUnproven = false;
       this.say("Done. Download the result, compare it with the photo before, or edit further.", "ok");
       this.dispatchEvent(new CustomEvent("result", { detail: { blob, width: canvas.width, height: canvas.height, reused } }));
     } catch (e) {
@@ -499,7 +514,7 @@ class DragonEditor extends HTMLElement {
       delete this.$(".stage").dataset.preview;
       this.updateButtons();
     }
-    if (failure) this.failOrRecover(failure);
+    if (failure) this.report(failure);
   }
 
   cancel() {

@@ -155,7 +155,7 @@ self.onmessage = async (event) => {
     return;
   }
   if (crashed) {
-    post({ type: "error", id: msg.id, message: crashed, restart: true });
+    post({ type: "error", id: msg.id, message: crashed, lost: true });
     return;
   }
   const handler = handlers[msg.type];
@@ -177,13 +177,13 @@ self.onmessage = async (event) => {
     let message = e instanceof Error ? e.message : String(e);
     // A trap leaves the wasm module's state untrusted, and a lost GPU device runs nothing
     // more: either way only a new worker (a new module, a new device) can go on, and the page
-    // starts one (`restart`).
+    // starts one (`lost`).
     const lost = e?.name === "DeviceLostError";
     if (e instanceof WebAssembly.RuntimeError || lost) {
       crashed = lost ? `${message[0].toUpperCase()}${message.slice(1)}.` : `The editing engine stopped (${message}), for example because the GPU was lost.`;
       message = crashed;
     }
-    post({ type: "error", id: msg.id, message, cancelled: message === "cancelled", restart: Boolean(crashed) });
+    post({ type: "error", id: msg.id, message, cancelled: message === "cancelled", lost: Boolean(crashed) });
   } finally {
     if (long) busy = null;
   }

@@ -352,7 +352,7 @@ await test("the widget demo: an edit, its result event, the memory kept between 
   }
 });
 
-await test("a lost GPU device: the editor starts its engine again and keeps the photo, its edit and the marks", async () => {
+await test("a lost GPU device: the editor starts its engine again and keeps the photo, its edit and the marks, but not in a loop", async () => {
   const { context, page } = await browser(webgpu);
   // Served with the worker, and this test's only change to the site: a prelude that keeps the
   // GPUDevice the engine asks for and destroys it on request, as a driver reset or the browser
@@ -371,7 +371,8 @@ self.addEventListener("message", (e) => {
     const response = await route.fetch();
     await route.fulfill({ response, body: prelude + (await response.text()) });
   });
-  const notices = () => page.locator("dragon-editor .notices").textContent();
+  const notices = page.locator("dragon-editor .notices");
+  const lose = () => page.evaluate(() => document.querySelector("dragon-editor").engine.worker.postMessage({ type: "test:lose-device" }));
   try {
     await page.goto(`${url}/?model=${MODEL}`);
     await waitState(page, "ok");
@@ -380,11 +381,11 @@ self.addEventListener("message", (e) => {
     await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
     const first = await runAndWait(page);
     check(first.width === 128, `first edit: ${JSON.stringify(first)}`);
-    await page.evaluate(() => document.querySelector("dragon-editor").engine.worker.postMessage({ type: "test:lose-device" }));
+    await lose();
     await dragOnPhoto(page, [0.3, 0.7], [0.35, 0.65]);
     await page.locator("dragon-editor button.run").click();
     await page.waitForFunction(() => /started its engine again/.test(document.querySelector("dragon-editor").shadowRoot.querySelector(".notices").textContent), null, { timeout: 300_000 });
-    const text = await notices();
+    const text = await notices.textContent();
     console.log(`  notice: ${text}`);
     check(/GPU device was lost|engine stopped/.test(text), `the notice does not say what happened: ${text}`);
     check(!/Backtrace|Caused by/.test(text), `the notice carries the error's internals: ${text}`);
@@ -393,6 +394,23 @@ self.addEventListener("message", (e) => {
     // The marks are kept too: the same edit runs again, on the new engine.
     const again = await runAndWait(page);
     check(again.width === 128, `the edit after the restart: ${JSON.stringify(again)}`);
+    // A loss after the fresh engine has done its work is a passing one again...
+    await lose();
+    await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+    await page.locator("dragon-editor button.run").click();
+    await page.waitForFunction(() => document.querySelector("dragon-editor").shadowRoot.querySelector(".notices").textContent.match(/started its engine again/g)?.length === 2, null, { timeout: 300_000 });
+    check((await status(page).getAttribute("data-state")) === "ok", `after the second restart: ${await status(page).textContent()}`);
+    // ...but one before the fresh engine finishes an edit is not: the editor says so, once,
+    // instead of restarting in a loop, and keeps both edits.
+    await lose();
+    const stale = await status(page).textContent();
+    await page.locator("dragon-editor button.run").click();
+    const last = await waitState(page, "error", 300_000, stale);
+    check(/GPU device was lost.*happened again right after the editor restarted/.test(last), `after a loss on the fresh engine: ${last}`);
+    check((await notices.textContent()).match(/started its engine again/g).length === 2, `the engine was started again once more: ${await notices.textContent()}`);
+    check(await page.locator("dragon-editor button.run").isDisabled(), "the run button works on a lost engine");
+    await page.locator("dragon-editor button.undo-edit").click();
+    check(await page.locator("dragon-editor button.undo-edit").isEnabled(), "the two edits were not kept");
   } finally {
     await context.close();
   }
