@@ -143,12 +143,14 @@ class DragonEditor extends HTMLElement {
   }
 
   // The `reuse-memory` attribute, passed to the engine; a value that is not a number of MiB
-  // gets a notice and the default.
+  // gets the default, and a notice the first time it is seen (not again when a restarted
+  // engine is configured).
   async applyReuseMemory() {
     const value = this.getAttribute("reuse-memory");
     let mib = value === null || value.trim() === "" ? null : Number(value);
     if (mib !== null && !(mib >= 0)) {
-      this.notice(`reuse-memory="${value}" is not a number of MiB (0 or more); keeping the default.`);
+      if (this.badReuseMemory !== value) this.notice(`reuse-memory="${value}" is not a number of MiB (0 or more); keeping the default.`);
+      this.badReuseMemory = value;
       mib = null;
     }
     await this.engine.request("configure", { keptFeaturesMiB: mib });

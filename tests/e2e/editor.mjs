@@ -381,6 +381,9 @@ self.addEventListener("message", (e) => {
     await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
     const first = await runAndWait(page);
     check(first.width === 128, `first edit: ${JSON.stringify(first)}`);
+    // A bad setting from the host page is noticed once, not again by each restarted engine.
+    await page.evaluate(() => document.querySelector("dragon-editor").setAttribute("reuse-memory", "lots"));
+    await page.waitForFunction(() => /reuse-memory="lots"/.test(document.querySelector("dragon-editor").shadowRoot.querySelector(".notices").textContent));
     await lose();
     await dragOnPhoto(page, [0.3, 0.7], [0.35, 0.65]);
     await page.locator("dragon-editor button.run").click();
@@ -391,6 +394,7 @@ self.addEventListener("message", (e) => {
     check(!/Backtrace|Caused by/.test(text), `the notice carries the error's internals: ${text}`);
     check((await status(page).getAttribute("data-state")) === "ok", `after the restart: ${await status(page).textContent()}`);
     check(await page.locator("dragon-editor button.undo-edit").isEnabled(), "the first edit was lost with the engine");
+    check((await notices.textContent()).match(/reuse-memory="lots"/g).length === 1, `the bad setting was noticed again: ${await notices.textContent()}`);
     // The marks are kept too: the same edit runs again, on the new engine.
     const again = await runAndWait(page);
     check(again.width === 128, `the edit after the restart: ${JSON.stringify(again)}`);
