@@ -1,7 +1,8 @@
 // Serves the built site and, under /models/NAME/, local diffusers model folders with a
 // generated dragonedit-manifest.json (sizes and SHA-256), with HTTP Range support. Used by
 // scripts/serve.sh and by the browser tests, which also read its request log and switch on
-// faults: a connection dropped or stalled part-way through a file, or a file served corrupted.
+// faults: a connection dropped or stalled part-way through a file, a file served corrupted, or
+// every connection closed unanswered (`state.offline`).
 //
 //   node scripts/site-server.mjs DIST_DIR [--port 8080] [--model NAME=DIR ...]
 import { createReadStream } from "node:fs";
@@ -63,10 +64,15 @@ export async function startServer({ dist, models = {}, port = 0, licenses = {} }
   for (const [name, dir] of Object.entries(models)) {
     manifests[name] = JSON.stringify({ ...(await manifestFor(name, dir)), license: licenses[name] });
   }
-  const state = { log: [], faults: [] };
+  const state = { log: [], faults: [], offline: false };
   const server = createServer(async (req, res) => {
     const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname)).replace(/^(\.\.[/\\])+/, "");
-    state.log.push({ path, range: req.headers.range ?? null });
+    state.log.push({ path, range: req.headers.range ?? null, offline: state.offline });
+    if (state.offline) {
+      // As if the network were down: the connection closes with no answer.
+      req.socket.destroy();
+      return;
+    }
     let file;
     const m = /^\/models\/([^/]+)\/(.*)$/.exec(path);
     if (m && models[m[1]]) {

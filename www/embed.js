@@ -4,12 +4,15 @@
 // "dragonedit:progress" and "dragonedit:error" messages and may send
 // {type: "dragonedit:load-image", blob} and {type: "dragonedit:release-memory"}. Without
 // `parent` nothing is posted out.
+import { keepAppForOffline } from "./offline.js";
+
 const params = new URLSearchParams(location.search);
 const editor = document.querySelector("dragon-editor");
 for (const name of ["model", "reuse-memory"]) {
   if (params.get(name)) editor.setAttribute(name, params.get(name));
 }
 await import("./dragon-editor.js");
+keepAppForOffline();
 
 const parentOrigin = params.get("parent");
 if (parentOrigin && window.parent !== window) {

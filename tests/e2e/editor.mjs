@@ -1,8 +1,9 @@
 // End-to-end tests of the built site in headless Chromium, WebGPU on SwiftShader, with the tiny
 // model of tests/fixtures served locally: first visit (license, download with a dropped
 // connection and a corrupted file), a second visit from the cache with no weight requests,
-// drag and move edits, cancelling, bad photos, no WebGPU, a lost GPU device, and the widget
-// demo with the memory it keeps between edits. Every request must stay on the page's origin.
+// drag and move edits, cancelling, bad photos, an offline visit, no WebGPU, a lost GPU device,
+// and the widget demo with the memory it keeps between edits. Every request must stay on the
+// page's origin.
 // Usage: node editor.mjs DIST_DIR [ARTIFACT_DIR]
 import { mkdtemp, mkdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -37,10 +38,10 @@ let passed = 0;
 let failed = 0;
 const foreign = [];
 
-async function browser(args, userDataDir = profile) {
+async function browser(args, userDataDir = profile, options = {}) {
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", headless: true, args: [...base, ...args],
-    viewport: { width: 1280, height: 900 },
+    viewport: { width: 1280, height: 900 }, ...options,
   });
   context.on("request", (r) => {
     if (!r.url().startsWith(url) && !r.url().startsWith("blob:") && !r.url().startsWith("data:")) foreign.push(r.url());
@@ -303,6 +304,31 @@ await test("second visit: the model loads from the cache with no weight request"
   }
 });
 
+await test("offline: a later visit opens the page, loads the model and edits with the server unreachable", async () => {
+  state.faults = [];
+  const { context, page } = await browser(webgpu);
+  try {
+    // Online first. The service worker keeps the app's files while it installs, and takes
+    // over the page once it has.
+    await page.goto(`${url}/?model=${MODEL}`);
+    await waitState(page, "ok");
+    await page.waitForFunction(() => navigator.serviceWorker.controller !== null, null, { timeout: 60_000 });
+    state.offline = true;
+    state.log = [];
+    await page.reload();
+    await waitState(page, "ok");
+    check(state.log.some((r) => r.path === "/" && r.offline), `the reload did not try the server: ${JSON.stringify(state.log)}`);
+    await openPhoto(page);
+    await setAdvanced(page);
+    await dragOnPhoto(page, [0.4, 0.5], [0.5, 0.45]);
+    const result = await runAndWait(page);
+    check(result.width === 128 && result.type === "image/png", `the offline edit: ${JSON.stringify(result)}`);
+  } finally {
+    state.offline = false;
+    await context.close();
+  }
+});
+
 await test("the widget demo: an edit, its result event, the memory kept between edits", async () => {
   state.log = [];
   const { context, page } = await browser(webgpu);
@@ -353,7 +379,13 @@ await test("the widget demo: an edit, its result event, the memory kept between 
 });
 
 await test("a lost GPU device: the editor starts its engine again and keeps the photo, its edit and the marks, but not in a loop", async () => {
-  const { context, page } = await browser(webgpu);
+  // context.route does not see what a service worker fetches, so this test runs the app
+  // without one: the one an earlier visit registered is removed, and no new one registers.
+  const { context, page } = await browser(webgpu, profile, { serviceWorkers: "block" });
+  await page.goto(`${url}/www/models/sd15.json`);
+  await page.evaluate(async () => {
+    for (const r of await navigator.serviceWorker.getRegistrations()) await r.unregister();
+  });
   // Served with the worker, and this test's only change to the site: a prelude that keeps the
   // GPUDevice the engine asks for and destroys it on request, as a driver reset or the browser
   // taking the GPU back would lose it.
