@@ -21,6 +21,9 @@ const MODES = {
   face_landmarks: { label: "Face-landmark dragging", hint: "Add handle → target pairs on facial landmarks (e.g. mouth corners)." },
 };
 
+// The edit spec's mode for a mode of the menu: resizing is moving with a scale.
+const specMode = (mode) => (mode === "resize" ? "move" : mode);
+
 const PHASES = {
   downloading: "Downloading the model",
   loading_weights: "Loading the model",
@@ -67,12 +70,13 @@ const TEMPLATE = `
         <label>Steps <input type="number" class="steps" min="1" max="1000" value="50"></label>
         <label>Seed <input type="number" class="seed" min="0" value="42"></label>
         <label>Working resolution <input type="number" class="resolution" min="64" max="1024" step="64" value="512"></label>
-        <label>Guidance scale <input type="number" class="s-guidance_scale" step="0.1" placeholder="default"></label>
-        <label>Energy scale <input type="number" class="s-energy_scale" step="0.1" placeholder="default"></label>
-        <label>w_edit <input type="number" class="s-w_edit" step="0.1" placeholder="default"></label>
-        <label>w_content <input type="number" class="s-w_content" step="0.1" placeholder="default"></label>
-        <label>w_contrast <input type="number" class="s-w_contrast" step="0.1" placeholder="default"></label>
-        <label>w_inpaint <input type="number" class="s-w_inpaint" step="0.1" placeholder="default"></label>
+        <p class="strengths-hint">Empty fields take the mode's defaults, shown in grey.</p>
+        <label title="Classifier-free guidance: how strongly the prompt steers every step">Prompt guidance <input type="number" class="s-guidance_scale" min="0" step="0.1" placeholder="default"></label>
+        <label title="How strongly the edit steers each of the first steps (x1000)">Edit strength <input type="number" class="s-energy_scale" min="0" step="0.1" placeholder="default"></label>
+        <label title="Weight of the pull that moves or drags what you marked (w_edit)">Edit weight <input type="number" class="s-w_edit" min="0" step="0.1" placeholder="default"></label>
+        <label title="Weight of the pull that keeps the rest of the photo as it was (w_content)">Keep-the-rest weight <input type="number" class="s-w_content" min="0" step="0.1" placeholder="default"></label>
+        <label title="Object moving: pushes the place the object left away from looking like it (w_contrast)">Vacated-area contrast <input type="number" class="s-w_contrast" min="0" step="0.1" placeholder="default"></label>
+        <label title="Object moving: makes the place the object left look like the background; content dragging: pulls content away from the handle (w_inpaint)">Fill weight <input type="number" class="s-w_inpaint" min="0" step="0.1" placeholder="default"></label>
       </details>
       <div class="actions">
         <button type="button" class="run" disabled title="Run the edit (Ctrl+Enter)">Run edit</button>
@@ -265,6 +269,10 @@ class DragonEditor extends HTMLElement {
       onPreview: (p) => this.preview(p),
       onLost: (e) => this.recover(e),
     });
+    this.engine.request("defaults").then(({ strengths }) => {
+      this.defaults = strengths;
+      this.showDefaults();
+    }, (e) => this.report(e));
     this.say("Checking the model…");
     const info = await this.engine.request("inspect", { source: this.modelSource });
     const need = info.manifest.requirements?.max_buffer_mib;
@@ -412,7 +420,18 @@ class DragonEditor extends HTMLElement {
     this.$(".scale-value").textContent = Number(scale.value).toFixed(2);
     this.$(".reference-panel").hidden = !(mode === "appearance" || mode === "paste");
     this.setTool(mode === "drag" || mode === "face_landmarks" ? "points" : "brush");
+    this.showDefaults();
     this.updateButtons();
+  }
+
+  // Each strength field's placeholder is what the engine uses for this mode when it is empty.
+  showDefaults() {
+    const defaults = this.defaults?.[specMode(this.mode)];
+    if (!defaults) return;
+    for (const [key, value] of Object.entries(defaults)) {
+      const input = this.$(`.s-${key}`);
+      if (input) input.placeholder = String(value);
+    }
   }
 
   setTool(tool) {
@@ -425,7 +444,7 @@ class DragonEditor extends HTMLElement {
   async buildRequest() {
     const s = this.sketch;
     const pairs = s.photoPoints();
-    const spec = { mode: this.mode === "resize" ? "move" : this.mode };
+    const spec = { mode: specMode(this.mode) };
     const assets = {};
     const need = (ok, text) => {
       if (!ok) throw new Error(text);

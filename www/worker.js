@@ -140,6 +140,11 @@ const handlers = {
     return { removed: source };
   },
 
+  async defaults() {
+    await ready;
+    return { strengths: wasm.default_strengths() };
+  },
+
   async check() {
     await ready;
     const got = await wasm.webgpu_check();

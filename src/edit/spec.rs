@@ -84,6 +84,14 @@ pub enum ModeKind {
 }
 
 impl ModeKind {
+    pub const ALL: [ModeKind; 5] = [
+        Self::Move,
+        Self::Appearance,
+        Self::Paste,
+        Self::Drag,
+        Self::FaceLandmarks,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Move => "move",

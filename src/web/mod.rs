@@ -22,6 +22,20 @@ pub fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// Every mode's default strengths (ALGORITHM.md §8), as `{mode name: {guidance_scale, …}}`,
+/// for the page to show beside the fields that override them.
+#[wasm_bindgen]
+pub fn default_strengths() -> Result<JsValue, JsValue> {
+    use serde::Serialize;
+    let defaults: std::collections::BTreeMap<_, _> = crate::edit::spec::ModeKind::ALL
+        .iter()
+        .map(|m| (m.name(), m.default_strengths()))
+        .collect();
+    defaults
+        .serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(|e| JsValue::from_str(&e.to_string()))
+}
+
 thread_local! {
     static DEVICE: std::cell::RefCell<Option<Device>> = const { std::cell::RefCell::new(None) };
 }

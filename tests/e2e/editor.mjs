@@ -250,7 +250,17 @@ await test("second visit: the model loads from the cache with no weight request"
     });
 
     await test("move edit on the result, then undo back to the original", async () => {
+      // Each strength field shows what the engine uses for the mode when it is left empty: the
+      // reference's defaults (ALGORITHM.md §8).
+      const placeholders = () => page.evaluate(() => Object.fromEntries([...document.querySelector("dragon-editor").shadowRoot.querySelectorAll(".advanced input[class^='s-']")]
+        .map((i) => [i.className.slice(2), i.placeholder])));
+      const drag = await placeholders();
+      check(drag.guidance_scale === "4" && drag.energy_scale === "2" && drag.w_edit === "4" && drag.w_content === "6" && drag.w_inpaint === "0.2",
+        `drag's defaults: ${JSON.stringify(drag)}`);
       await page.locator("dragon-editor select.mode").selectOption("move");
+      const move = await placeholders();
+      check(move.energy_scale === "0.5" && move.w_contrast === "0.2" && move.w_inpaint === "0.8" && Object.keys(move).length === 6,
+        `move's defaults: ${JSON.stringify(move)}`);
       await dragOnPhoto(page, [0.3, 0.3], [0.6, 0.6], 12);
       await page.locator("dragon-editor button.tool[data-tool=points]").click();
       await dragOnPhoto(page, [0.45, 0.45], [0.6, 0.5]);
