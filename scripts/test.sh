@@ -14,8 +14,8 @@ need_node
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "JavaScript unit tests (the page's engine client)"
-node --test tests/js/*.test.mjs
+log "JavaScript unit tests (the engine client, the service worker)"
+node --test --test-reporter=spec tests/js/*.test.mjs
 
 # Clippy lints inside the builds the tests and the site need anyway: clippy-driver wraps rustc
 # for this crate only, as `cargo clippy` itself does, but in a full build instead of a check
