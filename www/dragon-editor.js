@@ -196,12 +196,14 @@ class DragonEditor extends HTMLElement {
 
   // The engine can run nothing more (its GPU device was lost, or its module crashed): start a
   // fresh one and load the model again, keeping the photo, its edits and the marks on it. A
-  // loss before the fresh engine has finished an edit is not a passing one (a driver that
-  // resets on every edit, say) and gets a message instead of another restart.
+  // loss while it starts, or before it has finished an edit in the minutes after, is not a
+  // passing one (a driver that resets on every edit, say) and gets a message instead of another
+  // restart; after hours of idling, one more restart is worth trying.
   async recover(e) {
     this.ready = false;
     this.updateButtons();
-    if (this.recovering || this.restartUnproven) {
+    const soon = performance.now() - (this.restartedAt ?? -Infinity) < 300_000;
+    if (this.recovering || (this.restartUnproven && soon)) {
       this.fail(new Error(`${e.message} It happened again right after the editor restarted its engine, so the GPU cannot be used now. Download the result if you want to keep it, then reload the page, or restart the browser if that does not help.`));
       return;
     }
@@ -216,6 +218,7 @@ class DragonEditor extends HTMLElement {
       this.report(err);
     } finally {
       this.recovering = false;
+      this.restartedAt = performance.now();
     }
   }
 
