@@ -143,12 +143,17 @@ pub fn kernel_language(device: &Device) -> Option<KernelLanguage> {
     })
 }
 
-/// cubecl's client of a native wgpu device; `None` for the CPU.
-#[cfg(not(target_family = "wasm"))]
-fn wgpu_client(device: &Device) -> Option<burn::cubecl::client::Client> {
+/// The most bytes one GPU buffer may hold on `device` (WebGPU's storage-binding and buffer-size
+/// limits, as the adapter grants them); `None` for the CPU, where only memory limits a tensor.
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    Some(wgpu_client(device)?.properties().memory.max_page_size)
+}
+
+/// cubecl's client of a wgpu device (native or the browser's); `None` for the CPU.
+fn wgpu_client(device: &Device) -> Option<burn_cubecl::cubecl::client::Client> {
     let device = device.clone().without_autodiff();
     match device.as_dispatch() {
-        burn::backend::DispatchDevice::Cube(cube @ burn::cubecl::Device::Wgpu(_)) => {
+        burn::backend::DispatchDevice::Cube(cube @ burn_cubecl::CubeDevice::Wgpu(_)) => {
             Some(cube.client())
         }
         _ => None,
@@ -271,28 +276,65 @@ pub fn persistent<I: Send, O: Send>(device: &Device, input: I, build: impl Fn(I)
 /// Copies a tensor's values to the host as f32. Asynchronous because a WebGPU read-back can only
 /// be awaited (a blocking one panics on wasm, BURN.md §6).
 pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    let device = t.device();
     t.into_data_async()
         .await
         .map_err(|e| match e {
             burn::tensor::ExecutionError::DevicePoisoned { reason } => {
-                Error::DeviceLost(lost_reason(&reason))
+                Error::DeviceLost(causes(&reason))
             }
-            e => Error::Device(format!("cannot read a result back from the GPU: {e:?}")),
+            e => execution_failure(&e.to_string(), max_buffer_bytes(&device)),
         })?
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| Error::Device(format!("cannot read a result back from the GPU: {e:?}")))
 }
 
-/// What a poisoned device's reason says, without the nested error's headings and backtrace:
-/// wgpu's "Destroyed: Device was destroyed." arrives as "The device is poisoned\nCaused
+/// A failed computation's error, from the reason in cubecl's error chain: an allocation larger
+/// than one buffer may be, or the GPU out of memory, get what to do about it (`limit`: the
+/// device's most bytes in one buffer); anything else its causes, without headings or traces.
+fn execution_failure(reason: &str, limit: Option<u64>) -> Error {
+    let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+    if let Some(size) = number_after(reason, "can't allocate buffer of size: ") {
+        let allowed = limit.map_or(String::new(), |l| format!(" ({} MiB on this GPU)", l >> 20));
+        return Error::Device(format!(
+            "the edit needed one GPU buffer of {} MiB, more than one buffer may hold{allowed}; lower the working resolution",
+            mib(size)
+        ));
+    }
+    if let Some(size) = number_after(reason, "out of device memory allocating ") {
+        return Error::Device(format!(
+            "the GPU ran out of memory (allocating {} MiB more); lower the working resolution, or close other programs and tabs that use the GPU",
+            mib(size)
+        ));
+    }
+    Error::Device(format!("the computation failed: {}", causes(reason)))
+}
+
+/// The number that follows `label` in `text`.
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let rest = &text[text.find(label)? + label.len()..];
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
+/// An error chain's causes on one line, without its headings and backtraces: wgpu's
+/// "Destroyed: Device was destroyed." arrives as "The device is poisoned\nCaused
 /// by:\n  Destroyed: Device was destroyed.\nBacktrace:\n...".
-fn lost_reason(reason: &str) -> String {
+fn causes(reason: &str) -> String {
+    const HEADINGS: [&str; 4] = [
+        "Caused by:",
+        "The device is poisoned",
+        "An error happened during execution",
+        "No backtrace available",
+    ];
     let lines: Vec<&str> = reason
         .lines()
         .map(str::trim)
-        .take_while(|l| !l.starts_with("Backtrace:"))
-        .filter(|l| !l.is_empty() && *l != "Caused by:" && *l != "The device is poisoned")
+        .take_while(|l| !l.starts_with("Backtrace") && !l.starts_with("Asked at:"))
+        .filter(|l| !l.is_empty() && !HEADINGS.contains(l))
         .collect();
     match lines.join("; ").trim_end_matches('.') {
         "" => "no reason given".to_string(),
@@ -307,12 +349,37 @@ mod tests {
     #[test]
     fn a_lost_devices_reason_is_its_cause_alone() {
         let reason = "The device is poisoned\nCaused by:\n  Destroyed: Device was destroyed.\nBacktrace:\nNo backtrace available";
-        assert_eq!(lost_reason(reason), "Destroyed: Device was destroyed");
+        assert_eq!(causes(reason), "Destroyed: Device was destroyed");
+        assert_eq!(causes("Lost: the driver reset"), "Lost: the driver reset");
+        assert_eq!(causes("Backtrace:\nframe 1"), "no reason given");
+    }
+
+    #[test]
+    fn a_failed_allocation_says_what_to_do() {
+        // cubecl's chain for a 132 MiB tensor on lavapipe (128 MiB a buffer), as read back.
+        let reason = "An error happened during execution\nCaused by:\n  Several failures at once\nCaused by:\n  The bytes were never written (failure #1, still claiming 2 buffer(s))\n  skipped `ReduceKernel`: it needed memory ManagedMemoryId { value: 0 }, which carried the failure\nCaused by:\n  An IO error happened\nCaused by:\n  can't allocate buffer of size: 138412032\nNo backtrace available\nAsked at:\nNo backtrace available";
+        let err = execution_failure(reason, Some(128 << 20)).to_string();
         assert_eq!(
-            lost_reason("Lost: the driver reset"),
-            "Lost: the driver reset"
+            err,
+            "GPU: the edit needed one GPU buffer of 132 MiB, more than one buffer may hold (128 MiB on this GPU); lower the working resolution"
         );
-        assert_eq!(lost_reason("Backtrace:\nframe 1"), "no reason given");
+        let err = execution_failure(
+            "Caused by:\n  out of device memory allocating 1048577 bytes\nBacktrace",
+            None,
+        );
+        assert!(
+            err.to_string()
+                .contains("ran out of memory (allocating 2 MiB more)"),
+            "{err}"
+        );
+        let err = execution_failure(
+            "An error happened during execution\nCaused by:\n  a kernel failed\nAsked at:\nframe",
+            None,
+        );
+        assert_eq!(
+            err.to_string(),
+            "GPU: the computation failed: a kernel failed"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::device::read_back;
+use crate::device::{max_buffer_bytes, read_back};
 use crate::diffusion::{Schedule, SchedulerConfig, ddim};
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextEncoder;
@@ -105,14 +105,47 @@ impl StableDiffusion {
         self.text_encoder.forward(&ids)
     }
 
+    /// Fails at once where the VAE's widest activation for a photo of `h` x `w` pixels
+    /// (encoded, one at a time) or for the result (decoded) would not fit in one of this
+    /// device's buffers, naming a working resolution that would: an edit checks this before it
+    /// starts, instead of failing in the VAE after minutes, with a driver's error. The encoder
+    /// computes in f32, the decoder in the VAE's dtype.
+    pub fn check_fits(&self, size: (usize, usize)) -> Result<()> {
+        let Some(limit) = max_buffer_bytes(&self.device) else {
+            return Ok(());
+        };
+        let (encoder, decoder) = self.vae.config().full_resolution_channels();
+        fits_one_buffer(
+            "the VAE's encoder",
+            encoder * DType::F32.size(),
+            size,
+            limit,
+        )?;
+        fits_one_buffer(
+            "the VAE's decoder",
+            decoder * self.vae.dtype().size(),
+            size,
+            limit,
+        )
+    }
+
     /// Image `[B, 3, H, W]` in [-1, 1] → latent `[B, 4, H/8, W/8]`. Sides must be multiples of 8.
     pub fn encode_image(&self, image: Tensor<4>) -> Result<Tensor<4>> {
-        let [_, c, h, w] = image.dims();
+        let [b, c, h, w] = image.dims();
         let f = self.vae.config().downscale();
         if c != 3 || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
             return Err(Error::InvalidInput(format!(
                 "the VAE takes RGB images with sides that are multiples of {f}, got {c}x{h}x{w}"
             )));
+        }
+        if let Some(limit) = max_buffer_bytes(&self.device) {
+            let encoder = self.vae.config().full_resolution_channels().0;
+            fits_one_buffer(
+                "the VAE's encoder",
+                b * encoder * DType::F32.size(),
+                (h, w),
+                limit,
+            )?;
         }
         // In f32 whatever the VAE's dtype: the latent's rounding runs through every inversion
         // and editing step (in an f16 edit of the tiny model it doubled the final latent's
@@ -135,6 +168,15 @@ impl StableDiffusion {
         let dtype = self.vae.dtype();
         let mut values = read_back(self.vae.decode_unclamped_in(latent.clone(), dtype)).await?;
         if !all_finite(&values) && dtype != DType::F32 {
+            if let Some(limit) = max_buffer_bytes(&self.device) {
+                let decoder = self.vae.config().full_resolution_channels().1;
+                fits_one_buffer(
+                    "the VAE's decoder in f32 (its f16 result overflowed)",
+                    decoder * DType::F32.size(),
+                    (h * f, w * f),
+                    limit,
+                )?;
+            }
             values = read_back(self.vae.decode_unclamped_in(latent, DType::F32)).await?;
         }
         for v in &mut values {
@@ -217,6 +259,7 @@ impl StableDiffusion {
                 "image sides must be non-zero multiples of {f}, got {w}x{h}"
             )));
         }
+        self.check_fits(size)?;
         let z = self.noise(seed, (h / f, w / f));
         let z = self
             .sample(z, prompt, guidance_scale, steps, progress)
@@ -226,6 +269,71 @@ impl StableDiffusion {
     }
 }
 
+/// Fails, naming a working resolution that would fit, where `bytes_per_pixel` for each of the
+/// `h` x `w` pixels is more than one GPU buffer of `limit` bytes may hold.
+fn fits_one_buffer(
+    what: &str,
+    bytes_per_pixel: usize,
+    (h, w): (usize, usize),
+    limit: u64,
+) -> Result<()> {
+    let per_pixel = bytes_per_pixel as u64;
+    let needed = per_pixel * (h * w) as u64;
+    if needed <= limit {
+        return Ok(());
+    }
+    let side = ((limit / per_pixel) as f64).sqrt() as u64 / 64 * 64;
+    let advice = if side >= 64 {
+        format!("lower the working resolution to {side} or less")
+    } else {
+        "this GPU cannot hold this model's images".to_string()
+    };
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Err(Error::Device(format!(
+        "{what} needs {:.0} MiB in one GPU buffer for a {w} x {h} image, but this GPU allows {:.0} MiB per buffer; {advice}",
+        mib(needed),
+        mib(limit)
+    )))
+}
+
 fn all_finite(values: &[f32]) -> bool {
     values.iter().all(|v| v.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn an_image_fits_one_buffer_up_to_the_limit_and_the_error_names_a_resolution_that_fits() {
+        // SD 1.5's decoder: 256 channels at full resolution, 1024 bytes a pixel in f32. At
+        // 512 px that is the 256 MiB buffer the H200's f32 decode measured (258 MiB there,
+        // with a convolution's padding).
+        assert!(fits_one_buffer("the decoder", 1024, (512, 512), 256 * MIB).is_ok());
+        let err = fits_one_buffer("the decoder", 1024, (512, 512), 255 * MIB)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the decoder needs 256 MiB in one GPU buffer for a 512 x 512 image")
+                && err.contains("allows 255 MiB")
+                && err.contains("lower the working resolution to 448 or less"),
+            "{err}"
+        );
+        // In f16 at 512 px: 128 MiB, WebGPU's default binding limit, which it fits exactly.
+        assert!(fits_one_buffer("the decoder", 512, (512, 512), 128 * MIB).is_ok());
+        // A non-square working size counts its pixels, and the advice keeps to multiples of 64.
+        let err = fits_one_buffer("the decoder", 512, (768, 1024), 128 * MIB)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("384 MiB") && err.contains("1024 x 768") && err.contains("to 512 or less"),
+            "{err}"
+        );
+        let err = fits_one_buffer("the decoder", 1024, (512, 512), MIB)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot hold"), "{err}");
+    }
 }

@@ -138,7 +138,9 @@ impl<'a> Editor<'a> {
     /// The plan of `edit` at its working resolution.
     pub fn plan(&self, edit: &Edit) -> Result<EditPlan> {
         let (w, h) = pixels::working_size(edit.image.width(), edit.image.height(), edit.resolution);
-        EditPlan::new(edit, (h as usize, w as usize), self.options.fidelity)
+        let plan = EditPlan::new(edit, (h as usize, w as usize), self.options.fidelity)?;
+        self.sd.check_fits(plan.spaces.working)?;
+        Ok(plan)
     }
 
     /// VAE input `[B, 3, H, W]`: the photo at the working size and, in cross-image modes, the
@@ -183,7 +185,15 @@ impl<'a> Editor<'a> {
         };
         let context = self.sd.encode_prompts(&prompts)?;
         report(progress, Phase::EncodingImage, 0, 1)?;
-        let z0 = self.sd.encode_image(self.images(edit, plan)?)?;
+        // One photo at a time: the encoder's widest activation is then one photo's, which is
+        // what the check in `plan` allows for (half of what the pair needs at once).
+        let images = self.images(edit, plan)?;
+        let z0 = Tensor::cat(
+            (0..plan.inversion_batch())
+                .map(|i| self.sd.encode_image(images.clone().narrow(0, i, 1)))
+                .collect::<Result<Vec<_>>>()?,
+            0,
+        );
         // The VAE's activations are free once the latent exists: their pages go back before
         // the UNet's are taken.
         read_back(z0.clone()).await?;

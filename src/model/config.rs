@@ -186,6 +186,14 @@ impl VaeConfig {
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+
+    /// The channels of the widest activation at the image's full resolution: in the encoder,
+    /// its first block's; in the decoder, its second block's, which its last upsampling brings
+    /// to full resolution before the last block narrows them. (128, 256) for SD 1.5.
+    pub fn full_resolution_channels(&self) -> (usize, usize) {
+        let c = &self.block_out_channels;
+        (c[0], c[0].max(c.get(1).copied().unwrap_or(c[0])))
+    }
 }
 
 /// `text_encoder/config.json` of a `CLIPTextModel`.
@@ -228,7 +236,20 @@ impl ClipConfig {
 mod tests {
     use super::*;
 
-    use crate::model::random::SD15_UNET;
+    use crate::model::random::{SD15_UNET, SD15_VAE};
+
+    #[test]
+    fn the_vaes_widest_full_resolution_activations() {
+        let c = VaeConfig::parse("vae/config.json", SD15_VAE).unwrap();
+        assert_eq!(c.full_resolution_channels(), (128, 256));
+        assert_eq!(c.downscale(), 8);
+        let one_block = SD15_VAE
+            .replace("[128, 256, 512, 512]", "[64]")
+            .replace("\"DownEncoderBlock2D\", ", "")
+            .replace("\"UpDecoderBlock2D\", ", "");
+        let c = VaeConfig::parse("vae/config.json", &one_block).unwrap();
+        assert_eq!(c.full_resolution_channels(), (64, 64));
+    }
 
     #[test]
     fn reads_the_sd15_unet_config_with_defaults() {

@@ -81,7 +81,7 @@ pub const SD15_UNET: &str = r#"{"_class_name": "UNet2DConditionModel", "act_fn":
  "out_channels": 4, "sample_size": 64,
  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
 
-const SD15_VAE: &str = r#"{"_class_name": "AutoencoderKL", "act_fn": "silu",
+pub const SD15_VAE: &str = r#"{"_class_name": "AutoencoderKL", "act_fn": "silu",
  "block_out_channels": [128, 256, 512, 512],
  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
  "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,

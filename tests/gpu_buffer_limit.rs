@@ -1,0 +1,94 @@
+//! What the GPU's buffer limit does to an edit: a working resolution whose VAE activations
+//! cannot fit in one buffer fails before any work, naming one that fits, and a tensor that
+//! outgrows a buffer anyway fails with what to do instead of a driver's error chain. On
+//! lavapipe (128 MiB a buffer); skipped where this machine has no Vulkan adapter.
+
+mod common;
+
+use std::sync::Mutex;
+
+use burn::tensor::Tensor;
+use common::*;
+use dragonedit::device::{max_buffer_bytes, read_back};
+use dragonedit::edit::{Editor, EngineOptions};
+use pollster::block_on;
+
+/// One test at a time on the shared device: a failed allocation carries its failure to the
+/// work that needed it, and nothing else here should share in it.
+static DEVICE_TURN: Mutex<()> = Mutex::new(());
+
+/// On a GPU, a working resolution whose VAE activations would not fit in one of the device's
+/// buffers fails before the edit does anything, naming the resolution that would fit (the
+/// browser would otherwise fail in the VAE after the whole inversion, with a driver's error).
+#[test]
+fn a_resolution_too_large_for_the_gpus_buffers_fails_at_once_naming_one_that_fits() {
+    let _turn = DEVICE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let Some(limit) = max_buffer_bytes(&device) else {
+        panic!("a wgpu device reports its buffer limit");
+    };
+    let sd = load_tiny(&device);
+    let (encoder, decoder) = sd.vae.config().full_resolution_channels();
+    // The f32 model's widest full-resolution activation, in bytes a pixel.
+    let per_pixel = (encoder.max(decoder) * 4) as u64;
+    let fits = ((limit / per_pixel) as f64).sqrt() as u32 / 64 * 64;
+    let side = fits + 64;
+    if side > 2048 {
+        println!(
+            "SKIPPED: this GPU's buffers ({} MiB) hold the tiny model at every resolution a spec allows",
+            limit >> 20
+        );
+        return;
+    }
+    let mut e = move_edit_256();
+    e.resolution = side;
+    let editor = Editor::new(&sd, EngineOptions::default());
+    let mut reports = 0;
+    let err = block_on(editor.run(&e, None, &mut |_| {
+        reports += 1;
+        true
+    }))
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        err.contains("in one GPU buffer") && err.contains(&format!("to {fits} or less")),
+        "at {side} px: {err}"
+    );
+    assert_eq!(reports, 0, "the edit started before failing");
+}
+
+/// A tensor larger than one of the GPU's buffers fails with the size and what to do, not
+/// cubecl's error chain, and the device goes on working.
+#[test]
+fn a_tensor_larger_than_a_buffer_fails_with_what_to_do_and_the_gpu_goes_on() {
+    let _turn = DEVICE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let limit = max_buffer_bytes(&device).expect("a wgpu device reports its buffer limit");
+    if limit > 1 << 30 {
+        println!(
+            "SKIPPED: this GPU's buffers hold {} MiB; the test allocates past that only up to 1 GiB",
+            limit >> 20
+        );
+        return;
+    }
+    let n = (limit / 4) as usize + (1 << 20);
+    let err = block_on(read_back((Tensor::<1>::ones([n], &device) + 1.0).sum()))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let mib = (n * 4).div_ceil(1 << 20);
+    assert!(
+        err.contains(&format!("one GPU buffer of {mib} MiB"))
+            && err.contains(&format!("({} MiB on this GPU)", limit >> 20))
+            && err.contains("lower the working resolution")
+            && !err.contains("Caused by"),
+        "{err}"
+    );
+    let small = block_on(read_back(Tensor::<1>::ones([16], &device).sum()));
+    assert_eq!(small.ok(), Some(vec![16.0]));
+}
