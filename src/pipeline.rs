@@ -111,22 +111,39 @@ impl StableDiffusion {
     /// starts, instead of failing in the VAE after minutes, with a driver's error. The encoder
     /// computes in f32, the decoder in the VAE's dtype.
     pub fn check_fits(&self, size: (usize, usize)) -> Result<()> {
-        let Some(limit) = max_buffer_bytes(&self.device) else {
-            return Ok(());
+        self.encoder_fits(1, size)?;
+        self.decoder_fits(self.vae.dtype(), size)
+    }
+
+    /// [`check_fits`](Self::check_fits) for the encoder alone, on `images` photos at once.
+    fn encoder_fits(&self, images: usize, size: (usize, usize)) -> Result<()> {
+        let channels = self.vae.config().full_resolution_channels().0;
+        let per_pixel = images * channels * DType::F32.size();
+        self.within_buffer_limit("the VAE's encoder", per_pixel, size)
+    }
+
+    /// [`check_fits`](Self::check_fits) for the decoder alone, computing in `dtype`: the VAE's
+    /// own, or f32 when its f16 result overflowed.
+    fn decoder_fits(&self, dtype: DType, size: (usize, usize)) -> Result<()> {
+        let what = if dtype == self.vae.dtype() {
+            "the VAE's decoder"
+        } else {
+            "the VAE's decoder in f32 (its f16 result overflowed)"
         };
-        let (encoder, decoder) = self.vae.config().full_resolution_channels();
-        fits_one_buffer(
-            "the VAE's encoder",
-            encoder * DType::F32.size(),
-            size,
-            limit,
-        )?;
-        fits_one_buffer(
-            "the VAE's decoder",
-            decoder * self.vae.dtype().size(),
-            size,
-            limit,
-        )
+        let channels = self.vae.config().full_resolution_channels().1;
+        self.within_buffer_limit(what, channels * dtype.size(), size)
+    }
+
+    /// [`fits_one_buffer`] against this device's limit; the CPU has none.
+    fn within_buffer_limit(
+        &self,
+        what: &str,
+        per_pixel: usize,
+        size: (usize, usize),
+    ) -> Result<()> {
+        max_buffer_bytes(&self.device).map_or(Ok(()), |limit| {
+            fits_one_buffer(what, per_pixel, size, limit)
+        })
     }
 
     /// Image `[B, 3, H, W]` in [-1, 1] → latent `[B, 4, H/8, W/8]`. Sides must be multiples of 8.
@@ -138,15 +155,7 @@ impl StableDiffusion {
                 "the VAE takes RGB images with sides that are multiples of {f}, got {c}x{h}x{w}"
             )));
         }
-        if let Some(limit) = max_buffer_bytes(&self.device) {
-            let encoder = self.vae.config().full_resolution_channels().0;
-            fits_one_buffer(
-                "the VAE's encoder",
-                b * encoder * DType::F32.size(),
-                (h, w),
-                limit,
-            )?;
-        }
+        self.encoder_fits(b, (h, w))?;
         // In f32 whatever the VAE's dtype: the latent's rounding runs through every inversion
         // and editing step (in an f16 edit of the tiny model it doubled the final latent's
         // error, 2.3e-2 → 5.7e-2), and the encoder runs once per photo, before any UNet
@@ -168,15 +177,7 @@ impl StableDiffusion {
         let dtype = self.vae.dtype();
         let mut values = read_back(self.vae.decode_unclamped_in(latent.clone(), dtype)).await?;
         if !all_finite(&values) && dtype != DType::F32 {
-            if let Some(limit) = max_buffer_bytes(&self.device) {
-                let decoder = self.vae.config().full_resolution_channels().1;
-                fits_one_buffer(
-                    "the VAE's decoder in f32 (its f16 result overflowed)",
-                    decoder * DType::F32.size(),
-                    (h * f, w * f),
-                    limit,
-                )?;
-            }
+            self.decoder_fits(DType::F32, (h * f, w * f))?;
             values = read_back(self.vae.decode_unclamped_in(latent, DType::F32)).await?;
         }
         for v in &mut values {
