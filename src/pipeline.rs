@@ -260,7 +260,9 @@ impl StableDiffusion {
                 "image sides must be non-zero multiples of {f}, got {w}x{h}"
             )));
         }
-        self.check_fits(size)?;
+        // The decoder alone: text-to-image never encodes, and an f16 VAE's f32 encoder can need
+        // the larger buffer.
+        self.decoder_fits(self.vae.dtype(), size)?;
         let z = self.noise(seed, (h / f, w / f));
         let z = self
             .sample(z, prompt, guidance_scale, steps, progress)

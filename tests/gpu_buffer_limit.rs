@@ -7,10 +7,12 @@ mod common;
 
 use std::sync::Mutex;
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use common::*;
+use dragonedit::StableDiffusion;
 use dragonedit::device::{max_buffer_bytes, read_back};
 use dragonedit::edit::{Editor, EngineOptions};
+use dragonedit::model::random::{RandomModel, RandomSource};
 use pollster::block_on;
 
 /// One test at a time on the shared device: a failed allocation carries its failure to the
@@ -58,6 +60,56 @@ fn a_resolution_too_large_for_the_gpus_buffers_fails_at_once_naming_one_that_fit
         "at {side} px: {err}"
     );
     assert_eq!(reports, 0, "the edit started before failing");
+}
+
+/// Text-to-image never encodes, so only its decoder's buffer bounds its size. In a VAE whose
+/// first two blocks have the same width (neither SD 1.5's nor the tiny model's), the f32
+/// encoder needs twice the f16 decoder's bytes a pixel, and must not refuse a size the
+/// decoder can make.
+#[test]
+fn text_to_image_is_bounded_by_the_decoder_alone() {
+    let _turn = DEVICE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let limit = max_buffer_bytes(&device).expect("a wgpu device reports its buffer limit");
+    let mut source = RandomSource::new(RandomModel::Tiny, 0)
+        .with_vae_channels(&[32, 32, 32, 32])
+        .expect("a VAE config");
+    let sd = StableDiffusion::load(&mut source, &device, DType::F16, &mut |_| true)
+        .expect("the random model loads");
+    let (encoder, decoder) = sd.vae.config().full_resolution_channels();
+    let side_within =
+        |per_pixel: usize| ((limit / per_pixel as u64) as f64).sqrt() as usize / 64 * 64;
+    // Past the f32 encoder's limit, within the f16 decoder's.
+    let (side, too_large) = (side_within(encoder * 4) + 64, side_within(decoder * 2) + 64);
+    if too_large > 4096 {
+        println!(
+            "SKIPPED: this GPU's {} MiB buffers take any size",
+            limit >> 20
+        );
+        return;
+    }
+    assert!(side < too_large);
+    let refused = |side: usize| sd.check_fits((side, side)).err().map(|e| e.to_string());
+    assert!(
+        refused(side).is_some_and(|m| m.contains("the VAE's encoder")),
+        "an edit at {side} px must be refused for the encoder's buffer"
+    );
+    // Cancelled at its first progress report: it started, so no buffer refused the size.
+    let generate = |side: usize| {
+        block_on(sd.generate("", 7, (side, side), 1, 7.5, &mut |_| false))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let started = generate(side);
+    assert_eq!(started, "cancelled", "at {side} px");
+    let err = generate(too_large);
+    assert!(
+        err.contains("the VAE's decoder needs") && err.contains("in one GPU buffer"),
+        "at {too_large} px: {err}"
+    );
 }
 
 /// A tensor larger than one of the GPU's buffers fails with the size and what to do, not

@@ -137,6 +137,17 @@ impl RandomSource {
         ]);
         Self { files, seed }
     }
+
+    /// The same model with the VAE's `block_out_channels` replaced: a VAE whose sizes differ
+    /// from both SD 1.5's and the tiny model's, for what depends on them.
+    pub fn with_vae_channels(mut self, channels: &[usize]) -> Result<Self> {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&self.files[layout::VAE_CONFIG])
+                .map_err(|e| Error::InvalidInput(format!("the VAE's config: {e}")))?;
+        config["block_out_channels"] = channels.into();
+        self.files.insert(layout::VAE_CONFIG, config.to_string());
+        Ok(self)
+    }
 }
 
 impl ModelSource for RandomSource {
