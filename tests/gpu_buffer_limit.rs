@@ -7,12 +7,16 @@ mod common;
 
 use std::sync::Mutex;
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use common::*;
 use dragonedit::StableDiffusion;
 use dragonedit::device::{max_buffer_bytes, read_back};
 use dragonedit::edit::{Editor, EngineOptions};
+use dragonedit::model::clip::ClipTextEncoder;
+use dragonedit::model::config::ClipConfig;
+use dragonedit::model::folder::{ModelSource, layout};
 use dragonedit::model::random::{RandomModel, RandomSource};
+use dragonedit::weights::Loader;
 use pollster::block_on;
 
 /// One test at a time on the shared device: a failed allocation carries its failure to the
@@ -110,6 +114,55 @@ fn text_to_image_is_bounded_by_the_decoder_alone() {
         err.contains("the VAE's decoder needs") && err.contains("in one GPU buffer"),
         "at {too_large} px: {err}"
     );
+}
+
+/// SD 1.5's text encoder in f32 on a GPU whose buffers are smaller than its token embedding
+/// (145 MiB): the table is held in blocks, and tokens from every block encode as on the CPU.
+#[test]
+fn a_token_table_larger_than_a_buffer_encodes_as_on_the_cpu() {
+    let _turn = DEVICE_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(device) = wgpu_device() else {
+        return;
+    };
+    let limit = max_buffer_bytes(&device).expect("a wgpu device reports its buffer limit");
+    let encoder = |device: &Device| {
+        let mut source = RandomSource::new(RandomModel::Sd15, 3);
+        let config = ClipConfig::parse("config", &source.read_text(layout::TEXT_CONFIG)?)?;
+        let mut reader = source.open_first(layout::TEXT_WEIGHTS)?;
+        let mut w = Loader::new(reader.as_mut(), device, DType::F32);
+        let encoder = ClipTextEncoder::load(&config, &mut w)?;
+        Ok::<_, dragonedit::error::Error>((encoder, config))
+    };
+    let (gpu, config) = encoder(&device).expect("loads on the GPU");
+    let table = (config.vocab_size * config.hidden_size * 4) as u64;
+    if table <= limit {
+        println!(
+            "SKIPPED: this GPU's {} MiB buffers hold the whole token table",
+            limit >> 20
+        );
+        return;
+    }
+    // Two prompts' worth of ids from every block of the table, both ends included, and
+    // repeats.
+    let ids: Vec<Vec<u32>> = (0..2u32)
+        .map(|row| {
+            (0..77u32)
+                .map(|i| (i * 3989 + row * 17) % config.vocab_size as u32)
+                .collect()
+        })
+        .collect();
+    assert!(
+        ids[0].contains(&0)
+            && ids[0]
+                .iter()
+                .any(|&t| t as usize >= config.vocab_size - 3989)
+    );
+    let (cpu, _) = encoder(&dragonedit::device::cpu()).expect("loads on the CPU");
+    let on = |e: &ClipTextEncoder| values(e.forward(&ids).expect("encodes"));
+    let (expected, actual) = (on(&cpu), on(&gpu));
+    // Layer-normed outputs of order 1 after 12 f32 layers: the CPU and lavapipe sum in
+    // different orders, a few ulps a layer.
+    assert_close("text encoder, blocked table", &actual, &expected, 1e-3);
 }
 
 /// A tensor larger than one of the GPU's buffers fails with the size and what to do, not

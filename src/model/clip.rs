@@ -2,7 +2,7 @@
 //! pre-norm transformer layers with a causal mask and quick-GELU, then the final layer norm.
 //! Its last hidden state is the UNet's cross-attention context.
 
-use burn::tensor::{DType, Int, Tensor, TensorData, activation::sigmoid, module::embedding};
+use burn::tensor::{DType, Int, Tensor, TensorData, activation::sigmoid};
 
 use super::attention::AttentionPlan;
 use super::config::ClipConfig;
@@ -22,11 +22,17 @@ struct ClipLayer {
     fc2: Linear,
 }
 
+/// Rows of the token embedding per GPU buffer: 24 MiB of SD 1.5's in f32, well within
+/// WebGPU's default binding size of 128 MiB, which the whole table (145 MiB) is not.
+pub const TOKEN_BLOCK_ROWS: usize = 8192;
+
 /// The text encoder.
 #[derive(Debug, Clone)]
 pub struct ClipTextEncoder {
     config: ClipConfig,
-    token_embedding: Tensor<2>,
+    /// The token embedding in blocks of [`TOKEN_BLOCK_ROWS`] rows, so that no buffer holds the
+    /// whole table.
+    token_embedding: Vec<Tensor<2>>,
     position_embedding: Tensor<2>,
     layers: Vec<ClipLayer>,
     final_norm: LayerNorm,
@@ -38,9 +44,10 @@ impl ClipTextEncoder {
     pub fn load(config: &ClipConfig, w: &mut Loader) -> Result<Self> {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
-        let token_embedding = w.tensor(
+        let token_embedding = w.row_blocks(
             "text_model.embeddings.token_embedding.weight",
             [config.vocab_size, d],
+            TOKEN_BLOCK_ROWS,
         )?;
         let position_embedding = w.tensor(
             "text_model.embeddings.position_embedding.weight",
@@ -95,11 +102,44 @@ impl ClipTextEncoder {
         }
     }
 
+    /// The token embedding's rows for `ids` (in the vocabulary), in order: `[N, D]`. Each
+    /// block gives the rows it holds, and one more selection puts them back in order.
+    fn embed_tokens(&self, ids: impl Iterator<Item = u32>) -> Tensor<2> {
+        let device = self.position_embedding.device();
+        let index = |values: Vec<i64>| {
+            let n = values.len();
+            Tensor::<1, Int>::from_data(TensorData::new(values, [n]), &device)
+        };
+        let ids: Vec<usize> = ids.map(|t| t as usize).collect();
+        let mut parts = Vec::new();
+        // Where each token's row lands in the blocks' concatenated rows.
+        let mut landed = vec![0i64; ids.len()];
+        let mut next = 0i64;
+        for (b, block) in self.token_embedding.iter().enumerate() {
+            let first = b * TOKEN_BLOCK_ROWS;
+            let mut rows = Vec::new();
+            for (i, &id) in ids.iter().enumerate() {
+                if id / TOKEN_BLOCK_ROWS == b {
+                    rows.push((id - first) as i64);
+                    landed[i] = next;
+                    next += 1;
+                }
+            }
+            if !rows.is_empty() {
+                parts.push(block.clone().select(0, index(rows)));
+            }
+        }
+        Tensor::cat(parts, 0).select(0, index(landed))
+    }
+
     /// Encodes rows of token ids (each `max_position_embeddings` long) into the last hidden
     /// state `[B, 77, D]`.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
         let seq = self.config.max_position_embeddings;
         let batch = ids.len();
+        if batch == 0 {
+            return Err(Error::InvalidInput("no token rows to encode".into()));
+        }
         if ids.iter().any(|row| row.len() != seq) {
             return Err(Error::InvalidInput(format!(
                 "every token row must have {seq} ids"
@@ -115,12 +155,11 @@ impl ClipTextEncoder {
                 self.config.vocab_size
             )));
         }
-        let device = self.token_embedding.device();
-        let flat: Vec<i64> = ids.iter().flatten().map(|&t| i64::from(t)).collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(flat, [batch, seq]), &device);
         let d = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
-        let mut x = embedding(self.token_embedding.clone(), idx)
+        let mut x = self
+            .embed_tokens(ids.iter().flatten().copied())
+            .reshape([batch, seq, d])
             + self.position_embedding.clone().unsqueeze_dim(0);
         let split = |t: Tensor<3>| t.reshape([batch, seq, heads, d / heads]).swap_dims(1, 2);
         for layer in &self.layers {

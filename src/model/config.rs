@@ -222,6 +222,12 @@ impl ClipConfig {
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(model_error(file, "hidden_size must split into the heads"));
         }
+        if c.vocab_size == 0 || c.max_position_embeddings == 0 {
+            return Err(model_error(
+                file,
+                "vocab_size and max_position_embeddings must not be 0",
+            ));
+        }
         if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {
             return Err(model_error(
                 file,

@@ -128,6 +128,22 @@ impl<'a> Loader<'a> {
         Ok(self.upload(t.values, shape))
     }
 
+    /// Loads the table `key` of `shape` `[n, d]` as blocks of at most `rows` rows each: a table
+    /// larger than one GPU buffer (SD 1.5's token embedding is 145 MiB in f32, past WebGPU's
+    /// default binding size of 128 MiB).
+    pub fn row_blocks(
+        &mut self,
+        key: &str,
+        [n, d]: [usize; 2],
+        rows: usize,
+    ) -> Result<Vec<Tensor<2>>> {
+        let t = self.host(key, &[n, d])?;
+        Ok(t.values
+            .chunks(rows.max(1) * d.max(1))
+            .map(|block| self.upload(block.to_vec(), [block.len() / d.max(1), d]))
+            .collect())
+    }
+
     /// Loads a PyTorch linear weight stored `[out, in]`, transposed to the `[in, out]` layout
     /// burn's `linear` multiplies with.
     pub fn linear_weight(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>> {
