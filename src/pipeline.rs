@@ -115,6 +115,16 @@ impl StableDiffusion {
         self.decoder_fits(self.vae.dtype(), size)
     }
 
+    /// The largest square working resolution, a multiple of 64 up to `cap`, that
+    /// [`check_fits`](Self::check_fits) lets an edit use on this device; 0 where none does.
+    pub fn largest_square_side(&self, cap: usize) -> usize {
+        (1..=cap / 64)
+            .map(|k| k * 64)
+            .take_while(|&side| self.check_fits((side, side)).is_ok())
+            .last()
+            .unwrap_or(0)
+    }
+
     /// [`check_fits`](Self::check_fits) for the encoder alone, on `images` photos at once.
     fn encoder_fits(&self, images: usize, size: (usize, usize)) -> Result<()> {
         let channels = self.vae.config().full_resolution_channels().0;

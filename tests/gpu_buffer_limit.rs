@@ -41,6 +41,7 @@ fn a_resolution_too_large_for_the_gpus_buffers_fails_at_once_naming_one_that_fit
     let per_pixel = (encoder.max(decoder) * 4) as u64;
     let fits = ((limit / per_pixel) as f64).sqrt() as u32 / 64 * 64;
     let side = fits + 64;
+    assert_eq!(sd.largest_square_side(4096) as u32, fits.min(4096));
     if side > 2048 {
         println!(
             "SKIPPED: this GPU's buffers ({} MiB) hold the tiny model at every resolution a spec allows",

@@ -14,11 +14,11 @@ function note(text) {
   log.append(li);
 }
 editor.addEventListener("ready", (e) => {
-  const { model, precision, convolutions, timings } = e.detail;
+  const { model, precision, convolutions, timings, maxResolution } = e.detail;
   const timed = timings
     ? ` (timed: im2col + matmul ${timings.gemm_ms.toFixed(1)} ms, direct ${timings.direct_ms.toFixed(1)} ms; error against f32: im2col + matmul ${timings.gemm_error.toExponential(1)}, direct ${timings.direct_error.toExponential(1)})`
     : "";
-  note(`ready: ${model}, computing in ${precision}, convolutions: ${convolutions}${timed}`);
+  note(`ready: ${model}, computing in ${precision}, images up to ${maxResolution} px, convolutions: ${convolutions}${timed}`);
 });
 editor.addEventListener("error", (e) => note(`error: ${e.detail.message}`));
 editor.addEventListener("result", async (e) => {

@@ -285,13 +285,27 @@ class DragonEditor extends HTMLElement {
     if (!info.cached) await this.askAndDownload(info);
     this.say("Loading the model…");
     await this.applyReuseMemory();
-    const { precision, convolutions, timings } = await this.engine.request("load", { source: this.modelSource });
+    const { precision, convolutions, timings, maxResolution } = await this.engine.request("load", { source: this.modelSource });
     this.precision = precision;
+    this.capResolution(maxResolution);
     this.ready = true;
     this.say(this.sketch.hasPhoto ? "Ready." : "Ready. Open a photo to start.", "ok");
     this.updateButtons();
     this.refreshStorage().catch((e) => this.report(e));
-    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision, convolutions, timings } }));
+    this.dispatchEvent(new CustomEvent("ready", { detail: { model: info.manifest.name, precision, convolutions, timings, maxResolution } }));
+  }
+
+  // The GPU's largest buffer bounds the VAE's images: keep the field within what fits, so an
+  // edit is not refused for its size after the user set everything up.
+  capResolution(largest) {
+    if (!(largest > 0)) return;
+    const field = this.$(".resolution");
+    const cap = Math.min(Number(field.max) || largest, largest);
+    field.max = String(cap);
+    if (Number(field.value) > cap) {
+      field.value = String(cap);
+      this.notice(`This GPU's buffers hold this model's images up to about ${cap} x ${cap} pixels, so the working resolution is ${cap}.`);
+    }
   }
 
   askAndDownload(info) {

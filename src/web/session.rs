@@ -100,10 +100,17 @@ struct Loaded {
     convolutions: &'static str,
     /// The timings that chose it; absent where timing failed (burn's kernel is kept then).
     timings: Option<ConvTimings>,
+    /// The largest square working resolution this GPU's buffers hold for this model, up to
+    /// [`MAX_SIDE`] (0 where none does).
+    #[serde(rename = "maxResolution")]
+    max_resolution: usize,
 }
 
+/// The largest working resolution the page offers: photos are scaled to 2048 px at most.
+const MAX_SIDE: usize = 2048;
+
 /// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
-/// WebGPU device, and returns `{precision, convolutions, timings}` (see [`Loaded`]). Before
+/// WebGPU device, and returns `{precision, convolutions, timings, maxResolution}` (see [`Loaded`]). Before
 /// loading, it times a convolution of the model's first block both ways on this GPU and loads
 /// every convolution the faster way. Replaces any model loaded before.
 #[wasm_bindgen]
@@ -145,7 +152,6 @@ pub async fn load_model(
     set_conv_strategy(strategy);
     let sd = StableDiffusion::load(&mut folder, &device, dtype, &mut progress_fn(on_progress))
         .map_err(js_error)?;
-    MODEL.with(|m| *m.borrow_mut() = Some(Rc::new(sd)));
     let loaded = Loaded {
         precision: if dtype == DType::F16 { "f16" } else { "f32" },
         convolutions: if strategy == ConvStrategy::Gemm {
@@ -154,7 +160,9 @@ pub async fn load_model(
             "direct"
         },
         timings,
+        max_resolution: sd.largest_square_side(MAX_SIDE),
     };
+    MODEL.with(|m| *m.borrow_mut() = Some(Rc::new(sd)));
     serde_wasm_bindgen::to_value(&loaded).map_err(|e| JsValue::from_str(&e.to_string()))
 }
 

@@ -383,6 +383,19 @@ await test("the widget demo: an edit, its result event, the memory kept between 
     check(timed, `the ready event did not report the timed convolutions: ${log}`);
     console.log(`  SwiftShader ${timed[0]}`);
     check(Number(timed[2]) < 1e-5, `im2col + matmul differs from burn's convolution: ${timed[0]}`);
+    // The largest working resolution the GPU's buffers hold: the tiny model's f32 decoder needs
+    // 128 bytes a pixel, so every WebGPU adapter (128 MiB a buffer at least) holds 1024 px.
+    const largest = Number(log.match(/images up to (\d+) px/)?.[1]);
+    check(largest >= 1024 && largest <= 2048 && largest % 64 === 0, `the ready event's largest resolution: ${log}`);
+    // A GPU that holds less lowers the working resolution, and says so.
+    const capped = await page.evaluate(() => {
+      const editor = document.querySelector("dragon-editor");
+      const field = editor.shadowRoot.querySelector(".resolution");
+      field.value = "512";
+      editor.capResolution(320);
+      return { value: field.value, max: field.max, notices: editor.shadowRoot.querySelector(".notices").textContent };
+    });
+    check(capped.value === "320" && capped.max === "320" && /images up to about 320 x 320 pixels/.test(capped.notices), `capped resolution: ${JSON.stringify(capped)}`);
   } finally {
     await context.close();
   }
