@@ -110,9 +110,9 @@ struct Loaded {
 const MAX_SIDE: usize = 2048;
 
 /// Loads the model from `files` (a `Map` of folder path → Blob), tensor by tensor, onto the
-/// WebGPU device, and returns `{precision, convolutions, timings, maxResolution}` (see [`Loaded`]). Before
-/// loading, it times a convolution of the model's first block both ways on this GPU and loads
-/// every convolution the faster way. Replaces any model loaded before.
+/// WebGPU device, and returns `{precision, convolutions, timings, maxResolution}` (see
+/// [`Loaded`]). Before loading, it times a convolution of the model's first block both ways on
+/// this GPU and loads every convolution the faster way. Replaces any model loaded before.
 #[wasm_bindgen]
 pub async fn load_model(
     files: js_sys::Map,
