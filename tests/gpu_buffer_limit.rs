@@ -23,6 +23,11 @@ use pollster::block_on;
 /// work that needed it, and nothing else here should share in it.
 static DEVICE_TURN: Mutex<()> = Mutex::new(());
 
+/// The largest square side, a multiple of 64, whose `per_pixel` bytes a pixel fit in `limit`.
+fn side_within(limit: u64, per_pixel: usize) -> usize {
+    ((limit / per_pixel as u64) as f64).sqrt() as usize / 64 * 64
+}
+
 /// On a GPU, a working resolution whose VAE activations would not fit in one of the device's
 /// buffers fails before the edit does anything, naming the resolution that would fit (the
 /// browser would otherwise fail in the VAE after the whole inversion, with a driver's error).
@@ -37,9 +42,8 @@ fn a_resolution_too_large_for_the_gpus_buffers_fails_at_once_naming_one_that_fit
     };
     let sd = load_tiny(&device);
     let (encoder, decoder) = sd.vae.config().full_resolution_channels();
-    // The f32 model's widest full-resolution activation, in bytes a pixel.
-    let per_pixel = (encoder.max(decoder) * 4) as u64;
-    let fits = ((limit / per_pixel) as f64).sqrt() as u32 / 64 * 64;
+    // The side the f32 model's widest full-resolution activation fits.
+    let fits = side_within(limit, encoder.max(decoder) * 4) as u32;
     let side = fits + 64;
     assert_eq!(sd.largest_square_side(4096) as u32, fits.min(4096));
     if side > 2048 {
@@ -84,10 +88,11 @@ fn text_to_image_is_bounded_by_the_decoder_alone() {
     let sd = StableDiffusion::load(&mut source, &device, DType::F16, &mut |_| true)
         .expect("the random model loads");
     let (encoder, decoder) = sd.vae.config().full_resolution_channels();
-    let side_within =
-        |per_pixel: usize| ((limit / per_pixel as u64) as f64).sqrt() as usize / 64 * 64;
     // Past the f32 encoder's limit, within the f16 decoder's.
-    let (side, too_large) = (side_within(encoder * 4) + 64, side_within(decoder * 2) + 64);
+    let (side, too_large) = (
+        side_within(limit, encoder * 4) + 64,
+        side_within(limit, decoder * 2) + 64,
+    );
     if too_large > 4096 {
         println!(
             "SKIPPED: this GPU's {} MiB buffers take any size",
